@@ -1,0 +1,83 @@
+"""Stage folders on disk: atomic writes, the model in a form that reloads without pickled code,
+metrics, the resolved config, and the DONE marker that is always written last."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_WEIGHTS = "model.pt"  # a plain state dict: loads with torch.load(weights_only=True)
+MODEL_STRUCTURE = "model.json"  # the registry name and arguments that rebuild the module tree
+METRICS = "metrics.json"
+CONFIG = "stage.json"
+DONE = "DONE"
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    return run_dir / f"{index + 1:02d}-{name}"
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def save_model(model: nn.Module, folder: Path, model_spec: dict) -> None:
+    _atomic(folder / MODEL_WEIGHTS, lambda handle: torch.save(model.state_dict(), handle))
+    write_json(folder / MODEL_STRUCTURE, {"model": model_spec})
+
+
+def load_model(folder: Path) -> nn.Module:
+    """Rebuild the module tree from model.json and load model.pt without unpickling any code."""
+    from runner.models import build_model
+    from runner.recipe.schema import ModelSpec
+
+    spec = ModelSpec.model_validate(read_json(folder / MODEL_STRUCTURE)["model"])
+    model = build_model(spec)
+    model.load_state_dict(torch.load(folder / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
+    return model
+
+
+def is_done(folder: Path, fingerprint: str) -> bool:
+    marker = folder / DONE
+    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == fingerprint
+
+
+def reset(folder: Path) -> None:
+    """A stage about to run starts from an empty folder: leftovers of an older run are never trusted."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def mark_done(folder: Path, fingerprint: str) -> None:
+    write_text(folder / DONE, fingerprint + "\n")

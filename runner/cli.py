@@ -1,0 +1,130 @@
+"""The `nnopt` command: run, validate, schema, list. Errors are printed once here, never as tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from runner import __version__
+from runner.errors import RecipeError, StageError
+
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _print_recipe_error(error: RecipeError) -> None:
+    count = len(error.issues)
+    err_console.print(f"[bold red]error[/]: {count} problem{'s' if count != 1 else ''} in the recipe")
+    for issue in error.issues:
+        field = f"[bold]{escape(issue.field)}[/]: " if issue.field else ""
+        err_console.print(f"  [cyan]{escape(issue.location())}[/]: {field}{escape(issue.message)}")
+        if issue.hint:
+            err_console.print(f"    [yellow]hint[/]: {escape(issue.hint)}")
+
+
+def _load(args):
+    from runner.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.override)
+
+
+def cmd_validate(args) -> int:
+    recipe = _load(args)
+    kinds = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
+    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`, {len(recipe.stages)} stages: {kinds}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    recipe = _load(args)
+    from runner.pipeline import run_recipe
+
+    run_recipe(recipe, Path(args.output_dir), out_console)
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from runner.recipe.schema import Recipe
+
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nnopt recipe"
+    print(json.dumps(schema, indent=2))
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    from rich.table import Table
+
+    from runner.data import DATASETS
+    from runner.models import MODELS
+    from runner.recipe.training import OPTIMIZER_NAMES, SCHEDULE_NAMES
+    from runner.stages import STAGES
+
+    table = Table(title="nnopt registries", show_lines=True)
+    table.add_column("kind")
+    table.add_column("names")
+    for kind, names in [("stage kinds", STAGES.names()), ("models", MODELS.names()),
+                        ("data sets", DATASETS.names()), ("optimizers", OPTIMIZER_NAMES),
+                        ("schedules", SCHEDULE_NAMES)]:
+        table.add_row(kind, ", ".join(names))
+    out_console.print(table)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnopt", description="Declarative neural-network optimization pipelines")
+    parser.add_argument("--version", action="version", version=f"nnopt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_recipe(name: str, help_text: str):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("recipe", help="path to a recipe YAML file")
+        sub.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                         help="set a field, e.g. -o stages.train.epochs=3 (repeatable; validated like the file)")
+        return sub
+
+    run = with_recipe("run", "validate and run a recipe")
+    run.add_argument("-O", "--output-dir", default="outputs", help="where run folders go (default: outputs)")
+    run.set_defaults(handler=cmd_run)
+    with_recipe("validate", "check a recipe without running anything").set_defaults(handler=cmd_validate)
+    commands.add_parser("schema", help="print the recipe JSON Schema").set_defaults(handler=cmd_schema)
+    commands.add_parser("list", help="list stage kinds, models, data sets, optimizers, schedules").set_defaults(handler=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RecipeError as error:
+        _print_recipe_error(error)
+        return EXIT_BAD_INPUT
+    except StageError as error:
+        err_console.print(f"[bold red]error[/]: stage `{escape(error.stage)}` failed: {escape(error.message)}")
+        if error.hint:
+            err_console.print(f"  [yellow]hint[/]: {escape(error.hint)}")
+        err_console.print("  earlier stages' artifacts are complete and will be reused on the next run")
+        return EXIT_STAGE_FAILED
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to continue")
+        return EXIT_INTERRUPTED
+    except Exception as error:  # data unavailable, disk full, ...: a message, not a traceback
+        from runner.data import DataUnavailable
+
+        if isinstance(error, (DataUnavailable, OSError)):
+            err_console.print(f"[bold red]error[/]: {escape(str(error))}")
+            return EXIT_STAGE_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

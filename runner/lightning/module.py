@@ -1,0 +1,83 @@
+"""ClassifierModule: one LightningModule for every training stage (train, finetune, ...)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.optim import build_optimizer, build_scheduler
+
+
+class ClassifierModule(pl.LightningModule):
+    """Wraps a plain nn.Module; the stage spec supplies optimizer, schedule, loss, regularization."""
+
+    def __init__(self, model: nn.Module, spec, num_classes: int):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.num_classes = num_classes
+        self.lr = spec.optimizer.lr  # public: Lightning's LR finder writes its suggestion here
+        self._penalties = self._match_penalties()
+
+    def _match_penalties(self) -> list[tuple[float, float, list[str]]]:
+        names = [name for name, _ in self.model.named_parameters()]
+        return [(term.l1, term.l2, sorted({n for pattern in term.params for n in fnmatch.filter(names, pattern)}))
+                for term in self.spec.regularization]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.spec.loss.name == "mse":
+            target = F.one_hot(y, self.num_classes).to(logits.dtype)
+            return F.mse_loss(logits.softmax(dim=1), target)
+        return F.cross_entropy(logits, y, label_smoothing=self.spec.loss.label_smoothing)
+
+    def penalty(self) -> torch.Tensor | float:
+        """The explicit L1/L2 terms added to the loss (Keras-style: a sum, not a mean)."""
+        params = dict(self.model.named_parameters())
+        total: torch.Tensor | float = 0.0
+        for l1, l2, names in self._penalties:
+            for name in names:
+                weight = params[name]
+                if l1:
+                    total = total + l1 * weight.abs().sum()
+                if l2:
+                    total = total + l2 * weight.pow(2).sum()
+        return total
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self._loss(self.model(x), y)
+        if self._penalties:
+            loss = loss + self.penalty()
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch, prefix: str):
+        x, y = batch
+        logits = self.model(x)
+        loss = self._loss(logits, y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True, prog_bar=True)
+        self.log(f"{prefix}_acc", acc, on_epoch=True, batch_size=len(y), sync_dist=True, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.spec.optimizer, self.model.parameters(), self.lr)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        batches = len(self.trainer.datamodule.train_dataloader())
+        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        scheduler = build_scheduler(self.spec.schedule, self.spec.warmup, optimizer, steps_per_epoch,
+                                    total_steps, self.spec.val_every_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

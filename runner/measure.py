@@ -1,0 +1,71 @@
+"""Measurements shared by stages and reports: accuracy, parameter counts, sparsity, size, latency."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as the forward pass sees it (masks and other parametrizations applied)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        names = [name for name, _ in module.named_parameters(recurse=False)]
+        if parametrize.is_parametrized(module):
+            names += list(module.parametrizations.keys())
+        for name in names:
+            out[f"{module_name}.{name}" if module_name else name] = getattr(module, name).detach()
+    return out
+
+
+def parameter_stats(model: nn.Module) -> dict:
+    weights = named_weights(model)
+    total = sum(w.numel() for w in weights.values())
+    nonzero = sum(int(torch.count_nonzero(w)) for w in weights.values())
+    return {
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "sparsity": round(1 - nonzero / total, 6) if total else 0.0,
+        "compression_rate": round(total / nonzero, 3) if nonzero else None,
+        "layer_sparsity": {name: round(1 - int(torch.count_nonzero(w)) / w.numel(), 6)
+                           for name, w in weights.items() if name.endswith("weight")},
+    }
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Size of the model's state dict as torch.save writes it (what `model.pt` holds)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, batches) -> dict:
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+        count += len(y)
+    return {"loss": loss_sum / count, "acc": correct / count, "error": 1 - correct / count, "examples": count}
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int, warmup: int) -> float:
+    """Median wall time of one forward pass, in milliseconds."""
+    model.eval()
+    for _ in range(warmup):
+        model(example)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(example)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e3, 4)

@@ -1,0 +1,36 @@
+"""Load a recipe file: parse (with line marks), apply overrides, validate, check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from runner.errors import RecipeError
+from runner.recipe.checks import check_names, check_recipe
+from runner.recipe.locate import issues_from_validation
+from runner.recipe.overrides import apply_overrides
+from runner.recipe.schema import Recipe
+from runner.recipe.source import Source, read_source
+
+
+def validate_source(source: Source) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(source.data)
+    except ValidationError as err:
+        # Report unknown model/data names too, so one run of `validate` shows every problem.
+        issues = issues_from_validation(err, source, Recipe) + check_names(source)
+        raise RecipeError(sorted(issues, key=lambda i: (i.line or 0, i.column or 0))) from None
+    issues = check_recipe(recipe, source)
+    if issues:
+        raise RecipeError(issues)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The validated recipe, or a RecipeError listing every problem found."""
+    source = apply_overrides(read_source(path), overrides or [])
+    return validate_source(source)
+
+
+__all__ = ["Recipe", "load_recipe", "validate_source"]

@@ -1,0 +1,125 @@
+"""Checks that span fields or need the registries: unique names, known models and data sets,
+factory arguments, and parameter patterns that must match the built model."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import typing
+from typing import Any, Callable
+
+from pydantic import ConfigDict, ValidationError, create_model
+
+from runner.errors import Issue
+from runner.recipe.locate import dotted
+from runner.recipe.schema import Recipe
+from runner.recipe.source import Source
+from runner.registry import Registry, UnknownName, did_you_mean
+
+
+def _issue(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
+    line, column = source.position(path)
+    if path in source.overridden:
+        hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
+    return Issue(source.file, line, column, dotted(path), message, hint)
+
+
+def _args_model(factory: Callable) -> type:
+    """A strict pydantic model of a factory's keyword arguments, built from its signature."""
+    fields: dict[str, Any] = {}
+    hints = typing.get_type_hints(factory)
+    for name, param in inspect.signature(factory).parameters.items():
+        annotation = hints.get(name, Any)
+        default = param.default if param.default is not inspect.Parameter.empty else ...
+        fields[name] = (annotation, default)
+    return create_model(f"{factory.__name__}_args", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def check_factory_args(source: Source, path: tuple, factory: Callable, args: dict) -> list[Issue]:
+    try:
+        _args_model(factory).model_validate(args)
+    except ValidationError as err:
+        issues = []
+        params = list(inspect.signature(factory).parameters)
+        for error in err.errors():
+            arg_path = path + tuple(error["loc"])
+            if error["type"] == "extra_forbidden":
+                guess = did_you_mean(str(error["loc"][-1]), params)
+                issues.append(_issue(source, arg_path, f"unknown argument `{error['loc'][-1]}`",
+                                     (guess + " " if guess else "") + "arguments: " + ", ".join(params)))
+            elif error["type"] == "missing":
+                issues.append(_issue(source, arg_path, f"missing required argument `{error['loc'][-1]}`"))
+            else:
+                issues.append(_issue(source, arg_path, error["msg"]))
+        return issues
+    return []
+
+
+def _lookup(source: Source, path: tuple, registry: Registry, name: str) -> tuple[Any, list[Issue]]:
+    try:
+        return registry.get(name), []
+    except UnknownName as err:
+        return None, [_issue(source, path, err.message, err.hint)]
+
+
+def check_names(source: Source) -> list[Issue]:
+    """Registry names straight from the raw data, for recipes that failed schema validation."""
+    from runner.data import DATASETS
+    from runner.models import MODELS
+
+    issues = []
+    for block, registry in (("model", MODELS), ("data", DATASETS)):
+        name = source.data.get(block, {}).get("name") if isinstance(source.data.get(block), dict) else None
+        if isinstance(name, str):
+            issues += _lookup(source, (block, "name"), registry, name)[1]
+    return issues
+
+
+def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
+    from runner.data import DATASETS
+    from runner.models import MODELS, resolve_import
+
+    issues: list[Issue] = []
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            issues.append(_issue(source, ("stages", i, "name"), f"duplicate stage name `{stage.name}`",
+                                 f"stage names must be unique; stages[{seen[stage.name]}] is already called that"))
+        seen.setdefault(stage.name, i)
+
+    if recipe.model.name is not None:
+        factory, found = _lookup(source, ("model", "name"), MODELS, recipe.model.name)
+    else:
+        try:
+            factory, found = resolve_import(recipe.model.import_), []
+        except ImportError as err:
+            factory, found = None, [_issue(source, ("model", "import"), str(err),
+                                           "the module must be importable from the current environment")]
+    issues += found
+    if factory is not None:
+        issues += check_factory_args(source, ("model", "args"), factory, recipe.model.args)
+
+    dataset, found = _lookup(source, ("data", "name"), DATASETS, recipe.data.name)
+    issues += found
+    if dataset is not None:
+        issues += check_factory_args(source, ("data", "args"), dataset, recipe.data.args)
+
+    if not issues:
+        issues += _check_param_patterns(recipe, source)
+    return issues
+
+
+def _check_param_patterns(recipe: Recipe, source: Source) -> list[Issue]:
+    """A parameter pattern that matches nothing is a typo, never a silent no-op."""
+    from runner.models import build_model
+
+    patterns = [(("stages", i, "regularization", j, "params", k), pattern)
+                for i, stage in enumerate(recipe.stages)
+                for j, term in enumerate(getattr(stage, "regularization", []))
+                for k, pattern in enumerate(term.params)]
+    if not patterns:
+        return []
+    names = [name for name, _ in build_model(recipe.model).named_parameters()]
+    return [_issue(source, path, f"`{pattern}` matches no parameter of the model",
+                   "parameters: " + ", ".join(names))
+            for path, pattern in patterns if not fnmatch.filter(names, pattern)]

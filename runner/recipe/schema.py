@@ -1,0 +1,64 @@
+"""The recipe: model, data, trainer settings and the ordered list of stages."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from runner.recipe.base import PositiveInt, Slug, Spec
+from runner.recipe.stages import Stage
+
+
+class ModelSpec(Spec):
+    """A registered model by `name`, or trusted user code via `import: package.module:factory`."""
+
+    name: str | None = None
+    import_: Annotated[str | None, Field(alias="import", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = None
+    args: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.import_ is None):
+            raise ValueError("give exactly one of `name` (a registered model) or `import` (package.module:factory)")
+        return self
+
+
+class DataLimit(Spec):
+    """Use only the first N examples of a split (after a fixed shuffle), for quick runs."""
+
+    train: PositiveInt | None = None
+    val: PositiveInt | None = None
+    test: PositiveInt | None = None
+
+
+class DataSpec(Spec):
+    name: str
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 1000
+    limit: DataLimit = DataLimit()
+    args: dict[str, Any] = {}
+
+
+class TrainerSpec(Spec):
+    """Lightning Trainer settings shared by every training stage."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "cpu"
+    devices: PositiveInt | Literal["auto"] = 1
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    num_nodes: PositiveInt = 1
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"] = "32-true"
+    deterministic: bool = True
+    threads: PositiveInt | None = None  # torch intra-op threads; default: torch's choice
+    log_every_n_steps: PositiveInt = 50
+    progress_bar: bool = True
+
+
+class Recipe(Spec):
+    name: Slug
+    description: str = ""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    model: ModelSpec
+    data: DataSpec
+    trainer: TrainerSpec = TrainerSpec()
+    stages: Annotated[list[Stage], Field(min_length=1)]

@@ -1,0 +1,120 @@
+"""Read a recipe file into plain data plus a map from each field path to its line and column."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.errors import Issue, RecipeError
+
+Path_ = tuple  # a field path such as ("stages", 1, "optimizer", "lr")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key `{key}` (first at line {seen[key].start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@dataclass
+class Source:
+    """A loaded recipe: its data, where it came from, and the position of every node."""
+
+    file: str
+    data: Any
+    marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)  # 1-based line, column
+    overridden: dict[Path_, str] = field(default_factory=dict)  # path -> the `-o` text that set it
+
+    def position(self, path: Path_) -> tuple[int | None, int | None]:
+        """The position of the longest prefix of `path` present in the file."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.marks:
+                return self.marks[path[:end]]
+        return None, None
+
+
+def _index_marks(node: yaml.Node, path: Path_, out: dict) -> None:
+    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = path + (key_node.value,)
+            # The key's position is where a user looks for the field, so it wins over the value's.
+            out[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _index_marks(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_marks(item, path + (i,), out)
+
+
+def _file_issue(file: str, message: str, hint: str | None = None, mark=None) -> RecipeError:
+    line = mark.line + 1 if mark is not None else None
+    column = mark.column + 1 if mark is not None else None
+    return RecipeError([Issue(file, line, column, "", message, hint)])
+
+
+def parse_text(text: str, file: str) -> Source:
+    """Parse YAML text safely; every failure becomes a located RecipeError."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise _file_issue(file, "the recipe is empty", "start from `recipes/train_lenet300.yaml`")
+        marks: dict[Path_, tuple[int, int]] = {}
+        _index_marks(node, (), marks)
+        data = loader.construct_document(node)
+    except yaml.constructor.ConstructorError as err:
+        message = err.problem or str(err)
+        hint = None
+        if "could not determine a constructor" in message:
+            quoted = re.search(r"'([^']*)'", message)
+            tag = (quoted.group(1) if quoted else message).replace("tag:yaml.org,2002:", "!!")
+            message = f"YAML tag `{tag}` refused"
+            hint = "recipes are plain data; Python object tags are never executed"
+        raise _file_issue(file, message, hint, err.problem_mark) from None
+    except yaml.MarkedYAMLError as err:
+        raise _file_issue(file, f"YAML syntax error: {err.problem}", err.context, err.problem_mark) from None
+    except yaml.YAMLError as err:
+        raise _file_issue(file, f"cannot read YAML: {err}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise _file_issue(
+            file, f"a recipe must be a mapping of fields, got {type(data).__name__}",
+            "a recipe starts with `name:`, `model:`, `data:` and `stages:`", node.start_mark,
+        )
+    return Source(file, data, marks)
+
+
+def read_source(path: str | Path) -> Source:
+    """Read and parse a recipe file, refusing anything that is not a readable text file."""
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        raise _file_issue(file, "no such file", "check the path; recipes shipped with nnopt are in `recipes/`")
+    if path.is_dir():
+        raise _file_issue(file, "this is a directory, not a recipe file", "pass a `.yaml` file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _file_issue(file, "the file is not UTF-8 text") from None
+    except OSError as err:
+        raise _file_issue(file, f"cannot read the file: {err.strerror}") from None
+    return parse_text(text, file)

@@ -1,0 +1,238 @@
+"""What a training stage is made of: optimizer, learning-rate schedule, loss, regularization."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Spec
+
+# ---- optimizers -------------------------------------------------------------------------------
+
+
+class SGD(Spec):
+    name: Literal["sgd"]
+    lr: PositiveFloat
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    dampening: Annotated[float, Field(ge=0, le=1)] = 0.0
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 0.0
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening 0")
+        return self
+
+
+class Adam(Spec):
+    name: Literal["adam"]
+    lr: PositiveFloat
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
+    amsgrad: bool = False
+
+
+class AdamW(Spec):
+    name: Literal["adamw"]
+    lr: PositiveFloat
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.01
+    amsgrad: bool = False
+
+
+class RMSprop(Spec):
+    name: Literal["rmsprop"]
+    lr: PositiveFloat
+    alpha: Fraction = 0.99
+    eps: PositiveFloat = 1e-8
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    centered: bool = False
+    weight_decay: NonNegativeFloat = 0.0
+
+
+Optimizer = Annotated[Union[SGD, Adam, AdamW, RMSprop], Field(discriminator="name")]
+OPTIMIZER_NAMES = ["sgd", "adam", "adamw", "rmsprop"]
+
+# ---- learning-rate schedules (milestones in epochs; fractional epochs allowed) -----------------
+
+
+class Constant(Spec):
+    name: Literal["constant"]
+
+
+class StepDecay(Spec):
+    """lr * gamma every `every_epochs` epochs."""
+
+    name: Literal["step"]
+    every_epochs: PositiveFloat
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
+class MultiStep(Spec):
+    """lr * gamma at each milestone epoch."""
+
+    name: Literal["multistep"]
+    milestones: Annotated[list[PositiveFloat], Field(min_length=1)]
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _increasing(self):
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError("milestones must be strictly increasing")
+        return self
+
+
+class Exponential(Spec):
+    """lr * gamma ** epoch, applied smoothly per step."""
+
+    name: Literal["exponential"]
+    gamma: Annotated[float, Field(gt=0, le=1)]
+
+
+class Cosine(Spec):
+    """Cosine annealing from lr to min_lr over the stage (after warmup)."""
+
+    name: Literal["cosine"]
+    min_lr: NonNegativeFloat = 0.0
+
+
+class Linear(Spec):
+    """Linear decay from lr to min_lr over the stage (after warmup)."""
+
+    name: Literal["linear"]
+    min_lr: NonNegativeFloat = 0.0
+
+
+class OneCycle(Spec):
+    """Smith & Topin 2017 1cycle, with momentum cycled inversely (torch OneCycleLR)."""
+
+    name: Literal["onecycle"]
+    max_lr: PositiveFloat
+    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    div_factor: PositiveFloat = 25.0
+    final_div_factor: PositiveFloat = 1e4
+    anneal: Literal["cos", "linear"] = "cos"
+    cycle_momentum: bool = True
+    base_momentum: Fraction = 0.85
+    max_momentum: Fraction = 0.95
+
+
+class ReduceOnPlateau(Spec):
+    """Divide lr by 1/factor when the monitored validation metric stops improving."""
+
+    name: Literal["reduce_on_plateau"]
+    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+    factor: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    patience: Annotated[int, Field(ge=0)] = 10
+    threshold: NonNegativeFloat = 1e-4
+    min_lr: NonNegativeFloat = 0.0
+
+
+class Piecewise(Spec):
+    """An epoch -> lr table: values[0] until boundaries[0], values[1] until boundaries[1], ..."""
+
+    name: Literal["piecewise"]
+    boundaries: Annotated[list[PositiveFloat], Field(min_length=1)]
+    values: Annotated[list[PositiveFloat], Field(min_length=2)]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if list(self.boundaries) != sorted(set(self.boundaries)):
+            raise ValueError("boundaries must be strictly increasing")
+        if len(self.values) != len(self.boundaries) + 1:
+            raise ValueError(
+                f"need one more value than boundaries: {len(self.boundaries)} boundaries, {len(self.values)} values"
+            )
+        return self
+
+
+class Inv(Spec):
+    """Caffe's `inv` policy: lr * (1 + gamma * iteration) ** -power."""
+
+    name: Literal["inv"]
+    gamma: PositiveFloat = 1e-4
+    power: PositiveFloat = 0.75
+
+
+Schedule = Annotated[
+    Union[Constant, StepDecay, MultiStep, Exponential, Cosine, Linear, OneCycle, ReduceOnPlateau, Piecewise, Inv],
+    Field(discriminator="name"),
+]
+SCHEDULE_NAMES = ["constant", "step", "multistep", "exponential", "cosine", "linear", "onecycle",
+                  "reduce_on_plateau", "piecewise", "inv"]
+
+
+class Warmup(Spec):
+    """Linear warmup from start_factor * lr to lr, then the schedule runs over the rest of the stage."""
+
+    epochs: PositiveFloat | None = None
+    steps: PositiveInt | None = None
+    start_factor: Annotated[float, Field(gt=0, le=1)] = 0.01
+
+    @model_validator(mode="after")
+    def _one_unit(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of `epochs` or `steps`")
+        return self
+
+
+# ---- loss and regularization ------------------------------------------------------------------
+
+
+class CrossEntropy(Spec):
+    name: Literal["cross_entropy"]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class MSE(Spec):
+    """Mean squared error between the softmax output and one-hot targets."""
+
+    name: Literal["mse"]
+
+
+Loss = Annotated[Union[CrossEntropy, MSE], Field(discriminator="name")]
+
+
+class Regularization(Spec):
+    """An explicit penalty added to the loss: l1 * sum|w| + l2 * sum(w^2) over matching parameters.
+
+    `params` are glob patterns over parameter names (`fc1.weight`, `*.weight`); each pattern
+    must match at least one parameter. Keras's `kernel_regularizer=l1(0.01)` on a layer named
+    fc1 is `{l1: 0.01, params: [fc1.weight]}`.
+    """
+
+    l1: NonNegativeFloat = 0.0
+    l2: NonNegativeFloat = 0.0
+    params: Annotated[list[str], Field(min_length=1)] = ["*.weight"]
+
+    @model_validator(mode="after")
+    def _some_term(self):
+        if self.l1 == 0 and self.l2 == 0:
+            raise ValueError("set `l1` or `l2` above 0 (or remove the entry)")
+        return self
+
+
+class EarlyStopping(Spec):
+    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+    patience: Annotated[int, Field(ge=1)] = 3
+    min_delta: NonNegativeFloat = 0.0
+
+
+class LRFinder(Spec):
+    """Lightning's learning-rate range test; its suggestion replaces the optimizer's lr."""
+
+    min_lr: PositiveFloat = 1e-6
+    max_lr: PositiveFloat = 1.0
+    num_steps: Annotated[int, Field(ge=10)] = 100
+
+
+class BatchSizeFinder(Spec):
+    """Lightning's batch-size scaler: the largest batch that fits, grown by `power` or `binsearch`."""
+
+    mode: Literal["power", "binsearch"] = "power"
+    max_trials: Annotated[int, Field(ge=1)] = 6
+    steps_per_trial: Annotated[int, Field(ge=1)] = 3

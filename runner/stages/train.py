@@ -1,0 +1,68 @@
+"""`train`: fit the model with Lightning (optimizer, schedule, loss, regularization, tuning)."""
+
+from __future__ import annotations
+
+import time
+
+from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.tuner import Tuner
+
+from runner.errors import StageError
+from runner.lightning.module import ClassifierModule
+from runner.stages import STAGES
+from runner.stages.base import StageContext, StageResult
+
+
+def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | None = None) -> dict:
+    """Tune (if asked) and fit `module`; the shared body of every stage that trains."""
+    data = ctx.data()
+    callbacks = list(callbacks or [])
+    if spec.early_stopping is not None:
+        es = spec.early_stopping
+        callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
+                                       patience=es.patience, min_delta=es.min_delta))
+    trainer = ctx.trainer(
+        callbacks=callbacks,
+        max_epochs=spec.epochs if spec.epochs is not None else -1,
+        max_steps=spec.steps if spec.steps is not None else -1,
+        gradient_clip_val=spec.gradient_clip,
+        gradient_clip_algorithm=spec.gradient_clip_algorithm if spec.gradient_clip else None,
+        check_val_every_n_epoch=spec.val_every_epochs,
+    )
+    metrics: dict = {}
+    tuner = Tuner(trainer)
+    if spec.batch_size_finder is not None:
+        found = spec.batch_size_finder
+        metrics["batch_size_found"] = tuner.scale_batch_size(
+            module, datamodule=data, mode=found.mode, steps_per_trial=found.steps_per_trial, init_val=data.batch_size,
+            max_trials=found.max_trials)
+    if spec.lr_finder is not None:
+        finder = tuner.lr_find(module, datamodule=data, min_lr=spec.lr_finder.min_lr,
+                               max_lr=spec.lr_finder.max_lr, num_training=spec.lr_finder.num_steps)
+        if finder is None or finder.suggestion() is None:
+            raise StageError(spec.name, "the learning-rate finder found no usable learning rate",
+                             "widen `lr_finder.min_lr`/`max_lr` or set `optimizer.lr` yourself")
+        module.lr = float(finder.suggestion())
+        metrics["lr_found"] = module.lr
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    wall = time.perf_counter() - start
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    for key in ("train_loss", "val_loss", "val_acc"):
+        if key in logged:
+            metrics[key] = logged[key]
+    samples = trainer.global_step * data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+    metrics.update(epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=round(wall, 3),
+                   samples_per_second=round(samples / wall, 1) if wall > 0 else None,
+                   final_lr=trainer.optimizers[0].param_groups[0]["lr"])
+    return metrics
+
+
+@STAGES.register("train")
+def run(spec, model, ctx: StageContext) -> StageResult:
+    module = ClassifierModule(model, spec, ctx.data().num_classes)
+    metrics = fit(spec, module, ctx)
+    return StageResult(module.model, metrics)

@@ -1,0 +1,53 @@
+"""The CLI surface: list, schema, validate every shipped recipe, run the smoke recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner.recipe.stages import STAGE_KINDS
+from runner.stages import STAGES
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_list_shows_every_registry(nnopt):
+    code, out, _ = nnopt("list")
+    assert code == 0
+    for name in ["train", "evaluate", "lenet_300_100", "lenet5", "resnet20", "mlp", "mnist", "synthetic",
+                 "sgd", "adamw", "onecycle", "piecewise", "inv"]:
+        assert name in out
+
+
+def test_stage_registry_matches_schema():
+    assert sorted(STAGES.names()) == sorted(STAGE_KINDS)
+
+
+def test_schema_is_json_with_stage_union(nnopt):
+    code, out, _ = nnopt("schema")
+    schema = json.loads(out)
+    assert code == 0 and schema["title"] == "nnopt recipe"
+    assert set(schema["required"]) >= {"name", "model", "data", "stages"}
+    assert "import" in json.dumps(schema["$defs"]["ModelSpec"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(nnopt, recipe):
+    code, out, err = nnopt("validate", recipe)
+    assert code == 0, err
+
+
+def test_smoke_recipe_runs_and_writes_artifacts(nnopt, tmp_path):
+    code, out, err = nnopt("run", Path("recipes/smoke_synthetic.yaml"), "-O", tmp_path)
+    assert code == 0, err
+    run_dir = tmp_path / "smoke_synthetic"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [s["name"] for s in run["stages"]] == ["train", "evaluate"]
+    assert run["versions"]["torch"] and run["recipe"]["seed"] == 0
+    for stage in ("01-train", "02-evaluate"):
+        for name in ("model.pt", "model.json", "metrics.json", "stage.json", "DONE"):
+            assert (run_dir / stage / name).is_file()
+    assert not list(run_dir.rglob("*.tmp"))
+    assert "test_acc" in out  # the rich summary table
