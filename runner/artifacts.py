@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from runner.rebuild import replay, transforms_of
+
 MODEL_WEIGHTS = "model.pt"  # a plain state dict: loads with torch.load(weights_only=True)
 MODEL_STRUCTURE = "model.json"  # the registry name and arguments that rebuild the module tree
 METRICS = "metrics.json"
@@ -53,16 +55,16 @@ def read_json(path: Path) -> Any:
 
 def save_model(model: nn.Module, folder: Path, model_spec: dict) -> None:
     _atomic(folder / MODEL_WEIGHTS, lambda handle: torch.save(model.state_dict(), handle))
-    write_json(folder / MODEL_STRUCTURE, {"model": model_spec})
+    write_json(folder / MODEL_STRUCTURE, {"model": model_spec, "transforms": transforms_of(model)})
 
 
 def load_model(folder: Path) -> nn.Module:
-    """Rebuild the module tree from model.json and load model.pt without unpickling any code."""
+    """Rebuild the module tree from model.json (spec + transforms) and load model.pt, no code unpickled."""
     from runner.models import build_model
     from runner.recipe.schema import ModelSpec
 
-    spec = ModelSpec.model_validate(read_json(folder / MODEL_STRUCTURE)["model"])
-    model = build_model(spec)
+    structure = read_json(folder / MODEL_STRUCTURE)
+    model = replay(build_model(ModelSpec.model_validate(structure["model"])), structure.get("transforms", []))
     model.load_state_dict(torch.load(folder / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
     return model
 
