@@ -20,6 +20,9 @@ MODEL_STRUCTURE = "model.json"  # the registry name and arguments that rebuild t
 METRICS = "metrics.json"
 CONFIG = "stage.json"
 DONE = "DONE"
+CHECKPOINTS = "checkpoint"  # resume point of an unfinished training stage; removed once DONE is written
+LAST_CHECKPOINT = "last.ckpt"
+CHECKPOINT_OWNER = "fingerprint"  # the stage fingerprint the checkpoints in CHECKPOINTS belong to
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -74,12 +77,46 @@ def is_done(folder: Path, fingerprint: str) -> bool:
     return marker.is_file() and marker.read_text(encoding="utf-8").strip() == fingerprint
 
 
-def reset(folder: Path) -> None:
-    """A stage about to run starts from an empty folder: leftovers of an older run are never trusted."""
+def _refuse_links(folder: Path) -> None:
+    """A stage folder that is a symbolic link could make nnopt delete or write outside the output folder."""
+    for path in (folder, folder.parent):
+        if path.is_symlink():
+            raise OSError(f"{path} is a symbolic link; nnopt only writes real folders inside the output folder "
+                          "(remove the link or choose another output folder with -O)")
+
+
+def resumable_checkpoint(folder: Path, fingerprint: str) -> Path | None:
+    """The last checkpoint of an unfinished run of exactly this stage config, if there is one."""
+    checkpoint = folder / CHECKPOINTS / LAST_CHECKPOINT
+    marker = folder / CHECKPOINTS / CHECKPOINT_OWNER
+    if folder.is_symlink() or not checkpoint.is_file() or not marker.is_file():
+        return None
+    return checkpoint if marker.read_text(encoding="utf-8").strip() == fingerprint else None
+
+
+def reset(folder: Path, fingerprint: str) -> Path:
+    """A stage about to run starts from an empty folder: leftovers of an older run are never trusted,
+    except the checkpoint of an interrupted run of the same config (fingerprint), which it resumes.
+
+    Returns the checkpoint folder, marked with the fingerprint the checkpoints in it belong to."""
+    _refuse_links(folder)
+    keep = resumable_checkpoint(folder, fingerprint) is not None
     if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+        for entry in folder.iterdir():
+            if keep and entry.name == CHECKPOINTS:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    checkpoints = folder / CHECKPOINTS
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    if not keep:
+        write_text(checkpoints / CHECKPOINT_OWNER, fingerprint + "\n")
+    return checkpoints
 
 
 def mark_done(folder: Path, fingerprint: str) -> None:
     write_text(folder / DONE, fingerprint + "\n")
+    # The finished artifact supersedes the resume point (optimizer state is often 2-3x the model).
+    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)

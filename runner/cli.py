@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from runner import __version__
-from runner.errors import RecipeError, StageError
+from runner.errors import RecipeError, RunError, StageError
 
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -47,7 +49,7 @@ def cmd_run(args) -> int:
     recipe = _load(args)
     from runner.pipeline import run_recipe
 
-    run_recipe(recipe, Path(args.output_dir), out_console)
+    run_recipe(recipe, Path(args.output_dir), out_console, force=args.force, start=args.start, only=args.only)
     return EXIT_OK
 
 
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_recipe("run", "validate and run a recipe")
     run.add_argument("-O", "--output-dir", default="outputs", help="where run folders go (default: outputs)")
+    rerun = run.add_mutually_exclusive_group()
+    rerun.add_argument("--force", action="store_true", help="rerun every stage, even those with a finished artifact")
+    rerun.add_argument("--from", dest="start", metavar="STAGE",
+                       help="rerun STAGE and every stage after it; earlier finished stages are reused")
+    rerun.add_argument("--only", metavar="STAGE",
+                       help="run only STAGE, from the finished artifact of the stage before it")
     run.set_defaults(handler=cmd_run)
     with_recipe("validate", "check a recipe without running anything").set_defaults(handler=cmd_validate)
     commands.add_parser("schema", help="print the recipe JSON Schema").set_defaults(handler=cmd_schema)
@@ -101,7 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_message(error: OSError) -> str:
+    """Disk full and unwritable folders are the user's to fix: say which file and what to do."""
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"the disk is full{where}; free some space or choose another output folder with -O, then rerun to continue"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {error.strerror}; choose a writable output folder with -O"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
@@ -114,13 +133,23 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print(f"  [yellow]hint[/]: {escape(error.hint)}")
         err_console.print("  earlier stages' artifacts are complete and will be reused on the next run")
         return EXIT_STAGE_FAILED
+    except RunError as error:
+        err_console.print(f"[bold red]error[/]: {escape(error.message)}")
+        if error.hint:
+            err_console.print(f"  [yellow]hint[/]: {escape(error.hint)}")
+        return EXIT_STAGE_FAILED
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to continue")
+        err_console.print("[yellow]interrupted[/]: finished stages are kept and an interrupted training stage "
+                          "resumes from its last checkpoint; to continue, run the same command again:\n  "
+                          + escape(shlex.join(["nnopt", *argv])))
         return EXIT_INTERRUPTED
     except Exception as error:  # data unavailable, disk full, ...: a message, not a traceback
         from runner.data import DataUnavailable
 
-        if isinstance(error, (DataUnavailable, OSError)):
+        if isinstance(error, OSError):
+            err_console.print(f"[bold red]error[/]: {escape(_os_error_message(error))}")
+            return EXIT_STAGE_FAILED
+        if isinstance(error, DataUnavailable):
             err_console.print(f"[bold red]error[/]: {escape(str(error))}")
             return EXIT_STAGE_FAILED
         raise

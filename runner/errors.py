@@ -51,3 +51,13 @@ class StageError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(f"stage `{stage}`: {message}")
+
+
+class RunError(Exception):
+    """The run cannot start or go on for a reason outside the recipe (folder locked or unwritable,
+    disk full). Exit code 1; finished stages are kept."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message)

@@ -1,4 +1,4 @@
-"""The plan: each stage with its folder, its fingerprint, and whether a finished artifact can be reused."""
+"""The plan: each stage with its folder, its fingerprint, and whether it runs, is reused or is skipped."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from runner import __version__
-from runner.artifacts import is_done, stage_dir
+from runner.artifacts import is_done, resumable_checkpoint, stage_dir
+from runner.errors import Issue, RecipeError
+from runner.registry import did_you_mean
+
+Action = Literal["run", "reuse", "skip"]
 
 
 @dataclass(frozen=True)
@@ -17,38 +22,94 @@ class PlannedStage:
     spec: object  # the stage's validated spec
     folder: Path
     fingerprint: str
-    reuse: bool
+    action: Action
     reason: str
+
+    @property
+    def reuse(self) -> bool:
+        return self.action == "reuse"
 
 
 def _digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_plan(recipe, run_dir: Path) -> list[PlannedStage]:
-    """Fingerprint = hash(stage config, upstream fingerprint, run-wide settings, nnopt version).
+def _flag_error(flag: str, message: str, hint: str | None = None) -> RecipeError:
+    return RecipeError([Issue("command line", None, None, flag, message, hint)])
 
-    A stage is reused only when its DONE marker holds the same fingerprint and every stage
-    before it is reused too; editing stage k reruns k and everything after it.
-    """
-    shared = recipe.model_dump(mode="json", by_alias=True, include={"seed", "model", "data", "trainer"})
-    plan: list[PlannedStage] = []
+
+def _stage_index(names: list[str], flag: str, name: str) -> int:
+    if name in names:
+        return names.index(name)
+    raise _flag_error(flag, f"no stage named `{name}`; the recipe's stages are: {', '.join(names)}",
+                      did_you_mean(name, names))
+
+
+def fingerprints(recipe) -> list[str]:
+    """Fingerprint of stage k = hash(its config, its position, stage k-1's fingerprint, run-wide settings,
+    nnopt version). Checkpoint intervals are left out: with exact resume they cannot change a result."""
+    shared = recipe.model_dump(mode="json", by_alias=True, include={"seed", "model", "data", "trainer"},
+                               exclude={"trainer": {"checkpoint"}})
     upstream = _digest({"run": shared, "version": __version__})
+    result = []
+    for index, spec in enumerate(recipe.stages):
+        upstream = _digest({"stage": spec.model_dump(mode="json"), "index": index, "upstream": upstream})
+        result.append(upstream)
+    return result
+
+
+def _why_not_reused(folder: Path, fingerprint: str) -> str:
+    if not folder.exists():
+        return "new"
+    if (folder / "DONE").exists():
+        return "config changed"
+    if resumable_checkpoint(folder, fingerprint) is not None:
+        return "unfinished: resumes from its last checkpoint"
+    return "unfinished artifact: redone"
+
+
+def make_plan(recipe, run_dir: Path, *, force: bool = False, start: str | None = None,
+              only: str | None = None) -> list[PlannedStage]:
+    """Reuse every leading stage whose DONE marker holds its fingerprint; run the rest.
+
+    Editing stage k changes the fingerprints of k and everything after it (each includes its
+    upstream's), so k and later rerun and nothing before does. `force` reruns everything,
+    `start` reruns that stage and the later ones, `only` runs one stage from its upstream's
+    finished artifact and skips the later ones.
+    """
+    names = [spec.name for spec in recipe.stages]
+    if start is not None and only is not None:
+        raise _flag_error("--only", "give at most one of `--from` and `--only`")
+    first_forced = _stage_index(names, "--from", start) if start is not None else None
+    only_index = _stage_index(names, "--only", only) if only is not None else None
+    prints = fingerprints(recipe)
+    folders = [stage_dir(run_dir, index, name) for index, name in enumerate(names)]
+    done = [is_done(folder, fp) for folder, fp in zip(folders, prints)]
+
+    if only_index is not None and only_index > 0 and not done[only_index - 1]:
+        upstream = names[only_index - 1]
+        raise _flag_error("--only", f"stage `{only}` needs the finished artifact of `{upstream}`, and there is none "
+                          f"matching the recipe in {folders[only_index - 1]}",
+                          f"run `--from {upstream}` (or without flags) to build it first")
+
+    plan: list[PlannedStage] = []
     all_reused = True
     for index, spec in enumerate(recipe.stages):
-        fingerprint = _digest({"stage": spec.model_dump(mode="json"), "index": index, "upstream": upstream})
-        folder = stage_dir(run_dir, index, spec.name)
-        done = is_done(folder, fingerprint)
-        reuse = all_reused and done
-        if reuse:
-            reason = "finished artifact matches"
-        elif not all_reused:
-            reason = "an earlier stage runs"
-        elif folder.exists():
-            reason = "config changed" if (folder / "DONE").exists() else "unfinished artifact"
+        if only_index is not None:
+            if index == only_index:
+                action, reason = "run", "--only"
+            else:
+                action = "reuse" if done[index] and index < only_index else "skip"
+                reason = "finished artifact matches" if action == "reuse" else f"--only {only}"
+        elif force:
+            action, reason = "run", "--force"
+        elif first_forced is not None and index >= first_forced:
+            action, reason = "run", f"--from {start}"
+        elif all_reused and done[index]:
+            action, reason = "reuse", "finished artifact matches"
         else:
-            reason = "new"
-        plan.append(PlannedStage(index, spec, folder, fingerprint, reuse, reason))
-        all_reused = reuse
-        upstream = fingerprint
+            action = "run"
+            reason = "an earlier stage runs" if not all_reused else _why_not_reused(folders[index], prints[index])
+        all_reused = all_reused and action == "reuse"
+        plan.append(PlannedStage(index, spec, folders[index], prints[index], action, reason))
     return plan

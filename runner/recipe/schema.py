@@ -40,6 +40,20 @@ class DataSpec(Spec):
     args: dict[str, Any] = {}
 
 
+class CheckpointSpec(Spec):
+    """Resume points inside training stages: the full training state (model, optimizer, schedule,
+    RNG, position in the data, callbacks) every N optimizer steps and/or at the end of every N epochs."""
+
+    every_n_steps: PositiveInt | None = None
+    every_n_epochs: PositiveInt | None = 1
+
+    @model_validator(mode="after")
+    def _some_interval(self):
+        if self.every_n_steps is None and self.every_n_epochs is None:
+            raise ValueError("set `every_n_steps` or `every_n_epochs` (or `checkpoint: null` to turn checkpoints off)")
+        return self
+
+
 class TrainerSpec(Spec):
     """Lightning Trainer settings shared by every training stage."""
 
@@ -52,6 +66,7 @@ class TrainerSpec(Spec):
     threads: PositiveInt | None = None  # torch intra-op threads; default: torch's choice
     log_every_n_steps: PositiveInt = 50
     progress_bar: bool = True
+    checkpoint: CheckpointSpec | None = CheckpointSpec()  # null: no resume points (a rerun restarts the stage)
 
 
 class Recipe(Spec):
