@@ -63,6 +63,7 @@ def save_model(model: nn.Module, folder: Path, model_spec: dict) -> None:
 
 def load_model(folder: Path) -> nn.Module:
     """Rebuild the module tree from model.json (spec + transforms) and load model.pt, no code unpickled."""
+    import runner.stages  # noqa: F401  (registers the transforms that stages record)
     from runner.models import build_model
     from runner.recipe.schema import ModelSpec
 

@@ -12,16 +12,24 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
-def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as the forward pass sees it (masks and other parametrizations applied)."""
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as the forward pass sees it (masks and other parametrizations applied), by its
+    plain name (`fc1.weight`, never `fc1.parametrizations.weight.original`); differentiable."""
     out = {}
     for module_name, module in model.named_modules():
+        if "parametrizations" in module_name.split("."):
+            continue  # the stored `original`s: reported through their owner's parametrized name
         names = [name for name, _ in module.named_parameters(recurse=False)]
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations.keys())
         for name in names:
-            out[f"{module_name}.{name}" if module_name else name] = getattr(module, name).detach()
+            out[f"{module_name}.{name}" if module_name else name] = getattr(module, name)
     return out
+
+
+def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """named_tensors, detached: for counting and reporting."""
+    return {name: tensor.detach() for name, tensor in named_tensors(model).items()}
 
 
 def parameter_stats(model: nn.Module) -> dict:

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.measure import named_tensors
 from runner.optim import build_optimizer, build_scheduler
+from runner.pruning import add_masks_from_state_dict
 
 
 class ClassifierModule(pl.LightningModule):
@@ -25,7 +27,9 @@ class ClassifierModule(pl.LightningModule):
         self._penalties = self._match_penalties()
 
     def _match_penalties(self) -> list[tuple[float, float, list[str]]]:
-        names = [name for name, _ in self.model.named_parameters()]
+        # Plain names (`fc1.weight`) even when a mask parametrizes the weight: the penalty is on what
+        # the forward pass uses, and users' patterns keep working after pruning.
+        names = list(named_tensors(self.model))
         return [(term.l1, term.l2, sorted({n for pattern in term.params for n in fnmatch.filter(names, pattern)}))
                 for term in self.spec.regularization]
 
@@ -40,7 +44,7 @@ class ClassifierModule(pl.LightningModule):
 
     def penalty(self) -> torch.Tensor | float:
         """The explicit L1/L2 terms added to the loss (Keras-style: a sum, not a mean)."""
-        params = dict(self.model.named_parameters())
+        params = named_tensors(self.model)
         total: torch.Tensor | float = 0.0
         for l1, l2, names in self._penalties:
             for name in names:
@@ -72,6 +76,10 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint of a pruned model names its masks; a fresh module gets them before the strict load.
+        add_masks_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.spec.optimizer, self.model.parameters(), self.lr)

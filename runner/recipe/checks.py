@@ -110,16 +110,28 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
 
 
 def _check_param_patterns(recipe: Recipe, source: Source) -> list[Issue]:
-    """A parameter pattern that matches nothing is a typo, never a silent no-op."""
+    """A parameter or layer pattern that matches nothing is a typo, never a silent no-op."""
+    from runner import pruning
     from runner.models import build_model
 
     patterns = [(("stages", i, "regularization", j, "params", k), pattern)
                 for i, stage in enumerate(recipe.stages)
                 for j, term in enumerate(getattr(stage, "regularization", []))
                 for k, pattern in enumerate(term.params)]
-    if not patterns:
+    prune_params = [(("stages", i, "params", k), pattern) for i, stage in enumerate(recipe.stages)
+                    if stage.kind == "prune" for k, pattern in enumerate(stage.params or [])]
+    layer_patterns = [(i, stage) for i, stage in enumerate(recipe.stages)
+                      if stage.kind == "prune" and isinstance(stage.sparsity, dict)]
+    if not (patterns or prune_params or layer_patterns):
         return []
-    names = [name for name, _ in build_model(recipe.model).named_parameters()]
-    return [_issue(source, path, f"`{pattern}` matches no parameter of the model",
-                   "parameters: " + ", ".join(names))
-            for path, pattern in patterns if not fnmatch.filter(names, pattern)]
+    model = build_model(recipe.model)
+    names = [name for name, _ in model.named_parameters()]
+    issues = [_issue(source, path, f"`{pattern}` matches no parameter of the model", "parameters: " + ", ".join(names))
+              for path, pattern in patterns + prune_params if not fnmatch.filter(names, pattern)]
+    for i, stage in layer_patterns:
+        prunable = pruning.prunable_names(model, stage.params)
+        for pattern in pruning.unmatched_patterns(list(stage.sparsity), prunable):
+            issues.append(_issue(source, ("stages", i, "sparsity", pattern),
+                                 f"`{pattern}` matches no prunable layer of the model",
+                                 "prunable: " + ", ".join(prunable)))
+    return issues

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Spec
 from runner.recipe.training import (
@@ -21,11 +21,9 @@ from runner.recipe.training import (
 )
 
 
-class TrainStage(Spec):
-    """Train the model with Lightning: optimizer, schedule, loss, regularization."""
+class Training(Spec):
+    """What every training stage shares: duration, optimizer, schedule, loss, regularization."""
 
-    name: Slug
-    kind: Literal["train"]
     epochs: PositiveInt | None = None
     steps: PositiveInt | None = None
     optimizer: Optimizer
@@ -50,6 +48,69 @@ class TrainStage(Spec):
         return self
 
 
+class TrainStage(Training):
+    """Train the model with Lightning: optimizer, schedule, loss, regularization."""
+
+    name: Slug
+    kind: Literal["train"]
+
+
+class FinetuneStage(Training):
+    """Train on from the previous stage's weights keeping its pruning masks: pruned weights stay exactly 0."""
+
+    name: Slug
+    kind: Literal["finetune"]
+
+
+def check_sparsity(value: float | dict[str, float]) -> float | dict[str, float]:
+    """One message for both forms (a union's per-branch errors would confuse)."""
+    for key, target in (value.items() if isinstance(value, dict) else [("", value)]):
+        if not 0 <= target < 1:
+            raise ValueError(f"sparsity{f' of `{key}`' if key else ''} must be in [0, 1) (the fraction removed), "
+                             f"got {target}")
+    if isinstance(value, dict) and not value:
+        raise ValueError("give at least one `pattern: sparsity` entry")
+    return value
+
+
+Sparsity = Annotated[float | dict[str, float], AfterValidator(check_sparsity)]
+
+
+class PruneStage(Spec):
+    """One-shot pruning between stages.
+
+    `granularity: weights` masks single weights (unstructured; the masks travel with the model);
+    `neurons` removes whole Linear output neurons / Conv output channels and physically slims the
+    model (the following layers and BatchNorm shrink with them).
+    """
+
+    name: Slug
+    kind: Literal["prune"]
+    granularity: Literal["weights", "neurons"] = "weights"
+    method: Literal["magnitude", "random"] = "magnitude"
+    norm: Literal["l1", "l2"] | None = None  # how neurons are ranked by magnitude (default l1)
+    scope: Literal["layer", "global"] = "layer"
+    sparsity: Sparsity  # one target, or {module pattern: target}; later patterns override earlier ones
+    params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
+    parity_tolerance: PositiveFloat = 1e-4  # neurons: max |slimmed - masked| output difference allowed
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.sparsity, dict) and self.scope == "global":
+            raise ValueError("per-layer `sparsity` targets need `scope: layer` (global ranks all layers against "
+                             "one target)")
+        if self.granularity == "weights" and self.norm is not None:
+            raise ValueError("`norm` ranks neurons; unstructured pruning ranks weights by |w|")
+        if self.granularity == "neurons":
+            if self.scope == "global":
+                raise ValueError("neurons are ranked within their layer: use `scope: layer` (norms of layers with "
+                                 "different fan-in are not comparable)")
+            if self.params is not None:
+                raise ValueError("`params` selects parameters for weight pruning; for neurons name the layers in "
+                                 "`sparsity` (e.g. {fc1: 0.5, fc2: 0.5})")
+        return self
+
+
 class EvaluateStage(Spec):
     """Measure the model: test loss/accuracy, parameter counts, sparsity, size, latency."""
 
@@ -62,5 +123,5 @@ class EvaluateStage(Spec):
     threads: PositiveInt | None = None  # torch threads during timing; default: as the process has
 
 
-Stage = Annotated[Union[TrainStage, EvaluateStage], Field(discriminator="kind")]
-STAGE_KINDS = ["train", "evaluate"]
+Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, EvaluateStage], Field(discriminator="kind")]
+STAGE_KINDS = ["train", "finetune", "prune", "evaluate"]

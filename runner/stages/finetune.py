@@ -1,0 +1,26 @@
+"""`finetune`: train on from the previous stage's weights; pruned weights stay exactly zero throughout."""
+
+from __future__ import annotations
+
+from runner import pruning
+from runner.errors import StageError
+from runner.lightning.module import ClassifierModule
+from runner.measure import parameter_stats
+from runner.stages import STAGES
+from runner.stages.base import StageContext, StageResult
+from runner.stages.train import fit
+
+
+@STAGES.register("finetune")
+def run(spec, model, ctx: StageContext) -> StageResult:
+    # The masks are parametrizations, so the forward pass, the gradients and every checkpoint see them;
+    # the check below proves it rather than trusting it.
+    masks_before = {name: pruning.current_mask(model, name) for name in pruning.masked_names(model)}
+    module = ClassifierModule(model, spec, ctx.data().num_classes)
+    metrics = fit(spec, module, ctx)
+    revived = pruning.revived(module.model, masks_before)
+    if revived:
+        raise StageError(spec.name, "pruned weights came back during fine-tuning: " + ", ".join(revived),
+                         "this is a bug in nnopt; please report it with the recipe")
+    metrics.update(parameter_stats(module.model))
+    return StageResult(module.model, metrics)
