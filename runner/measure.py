@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import statistics
 import time
@@ -24,6 +25,12 @@ def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             names += list(module.parametrizations.keys())
         for name in names:
             out[f"{module_name}.{name}" if module_name else name] = getattr(module, name)
+        if inspect.ismethod(getattr(module, "weight", None)):  # an int8 layer: weight() and bias() unpack its int8 storage
+            prefix = f"{module_name}." if module_name else ""
+            out[prefix + "weight"] = module.weight().dequantize()
+            bias = module.bias() if inspect.ismethod(getattr(module, "bias", None)) else None
+            if bias is not None:
+                out[prefix + "bias"] = bias.detach()
     return out
 
 
@@ -51,6 +58,13 @@ def serialized_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
+
+
+def dense_fp32_bytes(model_spec) -> int:
+    """Size of the dense fp32 artifact of the recipe's model: the reference every compression ratio divides."""
+    from runner.models import build_model
+
+    return serialized_bytes(build_model(model_spec))
 
 
 @torch.inference_mode()

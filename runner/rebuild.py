@@ -38,3 +38,8 @@ def replay(model: nn.Module, transforms: list[dict]) -> nn.Module:
         model = TRANSFORMS.get(entry["kind"])(model, **info)
     setattr(model, _ATTRIBUTE, list(transforms))
     return model
+
+
+def inherit(new: nn.Module, old: nn.Module) -> None:
+    """Give a restructured copy the transform history of the model it was made from."""
+    setattr(new, _ATTRIBUTE, transforms_of(old))

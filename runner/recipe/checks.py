@@ -4,6 +4,7 @@ factory arguments, and parameter patterns that must match the built model."""
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import inspect
 import typing
 from typing import Any, Callable
@@ -104,8 +105,26 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
     if dataset is not None:
         issues += check_factory_args(source, ("data", "args"), dataset, recipe.data.args)
 
+    issues += _check_optional_packages(recipe, source)
     if not issues:
         issues += _check_param_patterns(recipe, source)
+    return issues
+
+
+def missing_packages(names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def _check_optional_packages(recipe: Recipe, source: Source) -> list[Issue]:
+    """ONNX export needs the optional `onnx` extra; say so before anything runs."""
+    issues = []
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "export" and "onnx" in stage.formats:
+            missing = missing_packages(("onnx", "onnxruntime"))
+            if missing:
+                issues.append(_issue(source, ("stages", i, "formats"),
+                                     f"ONNX export needs {', '.join(f'`{m}`' for m in missing)}, which is not installed",
+                                     "pip install 'nnopt[onnx]', or drop `onnx` from formats"))
     return issues
 
 
@@ -118,6 +137,9 @@ def _check_param_patterns(recipe: Recipe, source: Source) -> list[Issue]:
                 for i, stage in enumerate(recipe.stages)
                 for j, term in enumerate(getattr(stage, "regularization", []))
                 for k, pattern in enumerate(term.params)]
+    patterns += [(("stages", i, "bits", pattern), pattern) for i, stage in enumerate(recipe.stages)
+                 if getattr(stage, "method", None) == "weight_sharing" and isinstance(stage.bits, dict)
+                 for pattern in stage.bits]
     prune_params = [(("stages", i, "params", k), pattern) for i, stage in enumerate(recipe.stages)
                     if stage.kind == "prune" for k, pattern in enumerate(stage.params or [])]
     layer_patterns = [(i, stage) for i, stage in enumerate(recipe.stages)

@@ -23,7 +23,7 @@ def data_path(data: Any, loc: tuple) -> tuple:
         elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
             node = node[part]
             path += (part,)
-        elif isinstance(node, dict) and part in (node.get("kind"), node.get("name")):
+        elif isinstance(node, dict) and part in (node.get("kind"), node.get("name"), node.get("method")):
             continue  # a union tag, not a key
         else:
             path += (part,)  # a missing or extra key: keep it so the message names it

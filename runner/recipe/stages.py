@@ -123,5 +123,74 @@ class EvaluateStage(Spec):
     threads: PositiveInt | None = None  # torch threads during timing; default: as the process has
 
 
-Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, EvaluateStage], Field(discriminator="kind")]
-STAGE_KINDS = ["train", "finetune", "prune", "evaluate"]
+class Point(Spec):
+    """A moment inside a training stage: after this many epochs (fractions allowed) or optimizer steps."""
+
+    epochs: PositiveFloat | None = None
+    steps: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_unit(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of `epochs` or `steps`")
+        return self
+
+
+class DynamicInt8(Spec):
+    """Post-training dynamic int8: Linear and LSTM weights stored int8, activations quantized per batch."""
+
+    name: Slug
+    kind: Literal["quantize"]
+    method: Literal["dynamic_int8"]
+
+
+class StaticInt8(Spec):
+    """Post-training static int8: activation ranges calibrated on training batches (Jacob et al. 2018)."""
+
+    name: Slug
+    kind: Literal["quantize"]
+    method: Literal["static_int8"]
+    calibration_batches: PositiveInt  # required: static quantization without calibration data is meaningless
+    observer: Literal["minmax", "histogram"] = "histogram"  # activation range estimator
+    weights: Literal["per_tensor", "per_channel"] = "per_channel"
+
+
+class QatInt8(Training):
+    """Quantization-aware fine-tuning with fake quantization, then conversion to a real int8 model."""
+
+    name: Slug
+    kind: Literal["quantize"]
+    method: Literal["qat"]
+    weights: Literal["per_tensor", "per_channel"] = "per_channel"
+    freeze_observers_after: Point | None = None  # ranges fixed from here on (Jacob et al. 2018 §3)
+    freeze_batchnorm_after: Point | None = None  # BN statistics fixed from here on (folded BN, §3.2)
+
+
+class WeightSharing(Spec):
+    """Deep Compression (Han et al. 2016 §3): per-layer k-means codebooks over the nonzero weights."""
+
+    name: Slug
+    kind: Literal["quantize"]
+    method: Literal["weight_sharing"]
+    bits: Annotated[int, Field(ge=1, le=8)] | dict[str, Annotated[int, Field(ge=1, le=8)]]  # one value or {glob: bits}
+    kmeans_iterations: PositiveInt = 50
+    finetune: Training | None = None  # centroid fine-tuning (§3.3): a centroid's gradient sums its members'
+
+
+QuantizeStage = Annotated[Union[DynamicInt8, StaticInt8, QatInt8, WeightSharing], Field(discriminator="method")]
+
+
+class ExportStage(Spec):
+    """Write ONNX (checked in onnxruntime against PyTorch) and TorchScript files of the model."""
+
+    name: Slug
+    kind: Literal["export"]
+    formats: Annotated[list[Literal["onnx", "torchscript"]], Field(min_length=1)] = ["onnx", "torchscript"]
+    opset: Annotated[int, Field(ge=13, le=21)] = 17
+    tolerance: PositiveFloat = 1e-4  # max |onnxruntime - PyTorch| over a test batch; larger fails the stage
+    check_examples: PositiveInt = 256
+
+
+Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, EvaluateStage, QuantizeStage, ExportStage],
+                  Field(discriminator="kind")]
+STAGE_KINDS = ["train", "finetune", "prune", "evaluate", "quantize", "export"]

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from runner.measure import accuracy, latency_ms, parameter_stats, serialized_bytes
+from runner.compress.packed import encode
+from runner.measure import accuracy, dense_fp32_bytes, latency_ms, parameter_stats, serialized_bytes
+from runner.models import build_model
+from runner.rebuild import transforms_of
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
+
+
+def _example(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    example = images[:batch_size]
+    if len(example) < batch_size:  # a tiny test split: repeat it to the asked batch size
+        example = example.repeat((batch_size // len(example) + 1,) + (1,) * (example.dim() - 1))[:batch_size]
+    return example
 
 
 @STAGES.register("evaluate")
@@ -17,7 +27,13 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     metrics = {f"{spec.split}_{key}": value for key, value in scores.items()}
     metrics.update(parameter_stats(model))
     metrics["model_bytes"] = serialized_bytes(model)
+    model_spec = ctx.recipe.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    metrics["packed_bytes"] = len(encode(model, model_spec))  # what the compressed artifact of this model holds
+    metrics["dense_fp32_bytes"] = dense_fp32_bytes(ctx.recipe.model)
+    metrics["size_ratio"] = round(metrics["dense_fp32_bytes"] / metrics["packed_bytes"], 3)
 
+    # An int8 model is timed against the dense fp32 model of the same architecture, in the same run.
+    reference = build_model(ctx.recipe.model).eval() if any(t["kind"] == "int8" for t in transforms_of(model)) else None
     threads_before = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
@@ -25,10 +41,12 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         images = data.test[0]
         metrics["latency_threads"] = torch.get_num_threads()
         for batch_size in spec.latency_batch_sizes:
-            example = images[:batch_size]
-            if len(example) < batch_size:  # a tiny test split: repeat it to the asked batch size
-                example = example.repeat((batch_size // len(example) + 1,) + (1,) * (example.dim() - 1))[:batch_size]
+            example = _example(images, batch_size)
             metrics[f"latency_ms_b{batch_size}"] = latency_ms(model, example, spec.latency_repeats, spec.latency_warmup)
+            if reference is not None:
+                fp32 = latency_ms(reference, example, spec.latency_repeats, spec.latency_warmup)
+                metrics[f"latency_fp32_ms_b{batch_size}"] = fp32
+                metrics[f"latency_ratio_b{batch_size}"] = round(metrics[f"latency_ms_b{batch_size}"] / fp32, 3)
     finally:
         torch.set_num_threads(threads_before)
     return StageResult(model, metrics)

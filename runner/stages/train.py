@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.tuner import Tuner
 
@@ -17,6 +18,9 @@ def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | Non
     """Tune (if asked) and fit `module`; the shared body of every stage that trains."""
     data = ctx.data()
     callbacks = list(callbacks or [])
+    # Lightning's deterministic=True switches torch to deterministic algorithms for the whole process;
+    # scope it to this fit, since int8 kernels (quantized conv) refuse to run under that switch.
+    determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if spec.early_stopping is not None:
         es = spec.early_stopping
         callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
@@ -40,13 +44,16 @@ def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | Non
         finder = tuner.lr_find(module, datamodule=data, min_lr=spec.lr_finder.min_lr,
                                max_lr=spec.lr_finder.max_lr, num_training=spec.lr_finder.num_steps)
         if finder is None or finder.suggestion() is None:
-            raise StageError(spec.name, "the learning-rate finder found no usable learning rate",
+            raise StageError(ctx.recipe.stages[ctx.index].name, "the learning-rate finder found no usable learning rate",
                              "widen `lr_finder.min_lr`/`max_lr` or set `optimizer.lr` yourself")
         module.lr = float(finder.suggestion())
         metrics["lr_found"] = module.lr
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
     wall = time.perf_counter() - start
     if trainer.interrupted:
         raise KeyboardInterrupt
