@@ -67,13 +67,20 @@ def save_model(model: nn.Module, folder: Path, model_spec: dict) -> None:
 
 def load_model(folder: Path) -> nn.Module:
     """Rebuild the module tree from model.json (spec + transforms) and load model.pt, no code unpickled."""
-    import runner.stages  # noqa: F401  (registers the transforms that stages record)
-    from runner.models import build_model
     from runner.recipe.schema import ModelSpec
 
     structure = read_json(folder / MODEL_STRUCTURE)
-    model = replay(build_model(ModelSpec.model_validate(structure["model"])), structure.get("transforms", []))
-    model.load_state_dict(torch.load(folder / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
+    state = torch.load(folder / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
+    return rebuild(ModelSpec.model_validate(structure["model"]), structure.get("transforms", []), state)
+
+
+def rebuild(model_spec, transforms: list[dict], state: dict) -> nn.Module:
+    """A fresh model from its spec (a ModelSpec), replayed transforms and a state dict (strict)."""
+    import runner.stages  # noqa: F401  (registers the transforms that stages record)
+    from runner.models import build_model
+
+    model = replay(build_model(model_spec), transforms)
+    model.load_state_dict(state)
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -12,13 +13,15 @@ import torch
 from rich.console import Console
 
 from runner import artifacts
+from runner.distributed import Ranks, launch, model_from_zero, run_on_zero, state_digest
+from runner.errors import StageError
 from runner.data.batches import build_data
 from runner.lightning.trainer import build_trainer
 from runner.models import build_model
 from runner.lock import run_lock
 from runner.plan import make_plan
 from runner.report import summary_table, write_reports
-from runner.stages import STAGES, StageContext
+from runner.stages import STAGES, StageContext, StageResult
 
 
 def _now() -> str:
@@ -34,13 +37,26 @@ def print_plan(plan, console: Console) -> None:
 
 def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = False, start: str | None = None,
                only: str | None = None) -> list[dict]:
-    """Returns one outcome per stage (name, kind, status, seconds, metrics, folder)."""
+    """Returns one outcome per stage (name, kind, status, seconds, metrics, folder).
+
+    Under a multi-process strategy every rank runs this: training stages on every rank, any
+    other stage on global rank 0 (its model is then sent to the others); only rank 0 takes the
+    run folder's lock, plans (the others follow its plan, whatever their view of the disk) and writes.
+    """
     run_dir = Path(output_root) / recipe.name
-    with run_lock(run_dir):
-        return _run_locked(recipe, run_dir, console, make_plan(recipe, run_dir, force=force, start=start, only=only))
+    ranks = launch(recipe.trainer)
+    if not ranks.is_zero:
+        console = Console(quiet=True)
+    with ExitStack() as held:
+        def lock_and_plan():
+            held.enter_context(run_lock(run_dir))
+            return make_plan(recipe, run_dir, force=force, start=start, only=only)
+
+        plan = ranks.from_zero(run_on_zero(ranks, "plan", lock_and_plan))
+        return _run_locked(recipe, run_dir, console, plan, ranks)
 
 
-def _run_locked(recipe, run_dir: Path, console: Console, plan) -> list[dict]:
+def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> list[dict]:
     print_plan(plan, console)
     if recipe.trainer.threads is not None:
         torch.set_num_threads(recipe.trainer.threads)
@@ -59,31 +75,54 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan) -> list[dict]:
                    "seconds": 0.0, "folder": str(step.folder), "fingerprint": step.fingerprint}
         if step.action != "run":
             upstream_artifact = step.folder
-            finished = step.action == "reuse" or artifacts.is_done(step.folder, step.fingerprint)
+            finished = ranks.is_zero and (step.action == "reuse" or artifacts.is_done(step.folder, step.fingerprint))
             outcomes.append({**outcome, "metrics": artifacts.read_json(step.folder / artifacts.METRICS) if finished else {}})
             continue
         if upstream_artifact is not None:
-            model, upstream_artifact = artifacts.load_model(upstream_artifact), None
+            loaded = artifacts.load_model(upstream_artifact) if ranks.is_zero else None
+            model, upstream_artifact = model_from_zero(ranks, recipe.model, loaded), None
         console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
-        artifacts.reset(step.folder, step.fingerprint)
+        if ranks.is_zero:
+            artifacts.reset(step.folder, step.fingerprint)
         seed = recipe.seed + step.index
         pl.seed_everything(seed, verbose=False)
+        everywhere = spec.runs_on_every_rank
+        settings = recipe.trainer.for_stage(spec) if everywhere else recipe.trainer.one_process()
         ctx = StageContext(
             recipe=recipe, index=step.index, stage_dir=step.folder, data=data, seed=seed, upstream=results,
-            trainer=functools.partial(build_trainer, recipe.trainer, step.folder),
+            trainer=functools.partial(build_trainer, settings, step.folder), ranks=ranks if everywhere else Ranks(),
         )
         start = time.perf_counter()
-        result = STAGES.get(spec.kind)(spec, model, ctx)
+        if everywhere:
+            ranks.from_zero(None)  # a barrier: rank 0 has emptied the stage folder before anyone trains into it
+            result = STAGES.get(spec.kind)(spec, model, ctx)
+            if ranks.world_size > 1:
+                result.metrics["rank_digests"] = _same_on_every_rank(ranks, spec.name, result.model)
+        else:
+            result = run_on_zero(ranks, spec.name, lambda: STAGES.get(spec.kind)(spec, model, ctx))
+            result = StageResult(model_from_zero(ranks, recipe.model, result and result.model),
+                                 ranks.from_zero(result and result.metrics))
         seconds = time.perf_counter() - start
         model = result.model
         results[spec.name] = result
-        artifacts.save_model(model, step.folder, model_spec)
-        artifacts.write_json(step.folder / artifacts.METRICS, result.metrics)
-        artifacts.write_json(step.folder / artifacts.CONFIG, spec.model_dump(mode="json"))
-        artifacts.mark_done(step.folder, step.fingerprint)  # last: the stage is complete only now
+        if ranks.is_zero:
+            artifacts.save_model(model, step.folder, model_spec)
+            artifacts.write_json(step.folder / artifacts.METRICS, result.metrics)
+            artifacts.write_json(step.folder / artifacts.CONFIG, spec.model_dump(mode="json"))
+            artifacts.mark_done(step.folder, step.fingerprint)  # last: the stage is complete only now
         outcomes.append({**outcome, "seconds": round(seconds, 3), "metrics": result.metrics})
 
-    write_reports(run_dir, recipe, outcomes, started, _now())
+    if ranks.is_zero:
+        write_reports(run_dir, recipe, outcomes, started, _now())
     console.print(summary_table(recipe.name, outcomes))
     console.print(f"artifacts: {run_dir}  (report: {run_dir / 'report.md'})")
     return outcomes
+
+
+def _same_on_every_rank(ranks: Ranks, stage: str, model) -> list[str]:
+    """Each rank's state digest after training; replicas that drifted apart (masks included) fail the stage."""
+    digests = ranks.gather(state_digest(model))
+    if len(set(digests)) > 1:
+        raise StageError(stage, f"the ranks ended training with different models (state digests {digests})",
+                         "a callback or mask update that depends on the rank breaks data-parallel training")
+    return digests

@@ -34,12 +34,12 @@ def test_batches_cover_the_data_once_per_epoch_in_a_new_order():
     assert torch.equal(torch.cat([b[1] for b in loader]), first)  # a resumed epoch sees the same order
 
 
-def test_batches_shard_disjointly_across_ranks(monkeypatch):
-    x, y = torch.arange(10).float().unsqueeze(1), torch.arange(10)
-    loader = TensorBatches(x, y, batch_size=4, shuffle=True, seed=0)
-    seen = []
-    for rank in (0, 1):
-        monkeypatch.setattr(TensorBatches, "_rank_world", staticmethod(lambda rank=rank: (rank, 2)))
-        assert len(loader) == 2
-        seen.append(torch.cat([b[1] for b in loader]).tolist())
-    assert len(seen[0]) == len(seen[1]) == 5 and not set(seen[0]) & set(seen[1])
+def test_ranks_batch_i_together_is_the_one_process_batch_i():
+    x, y = torch.arange(12).float().unsqueeze(1), torch.arange(12)
+    single = [b[1] for b in TensorBatches(x, y, batch_size=4, shuffle=True, seed=0)]
+    ranks = [[b[1] for b in TensorBatches(x, y, batch_size=4, shuffle=True, seed=0, rank=r, world_size=2)]
+             for r in (0, 1)]
+    assert [len(batches) for batches in ranks] == [3, 3] and all(len(b) == 2 for b in ranks[0] + ranks[1])
+    assert not set(torch.cat(ranks[0]).tolist()) & set(torch.cat(ranks[1]).tolist())
+    for i, whole in enumerate(single):
+        assert sorted(torch.cat([ranks[0][i], ranks[1][i]]).tolist()) == sorted(whole.tolist())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from runner.data import Splits
 
@@ -13,15 +12,23 @@ class TensorBatches:
     """Iterates (x, y) batches of tensors already in memory.
 
     Each epoch draws one permutation (seeded by seed and epoch, so every rank and every resumed
-    run sees the same order), gathers the data once, and yields contiguous slices. Under a
-    multi-process strategy each rank takes every world_size-th example of that permutation.
+    run sees the same order), gathers the data once, and yields contiguous slices. With
+    `world_size` processes, `batch_size` is still the global batch: rank r takes every
+    world_size-th example of the permutation starting at r, in batches of batch_size / world_size,
+    so the ranks' batch i together are exactly the one-process batch i and DDP's averaged
+    gradient equals the one-process gradient. The last (len mod world_size) examples of each
+    permutation are skipped so every rank has the same number of batches.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not split over {world_size} processes")
         self.x, self.y = x, y
-        self.batch_size = batch_size
+        self.batch_size = batch_size // world_size  # per rank
         self.shuffle = shuffle
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     # Lightning calls `loader.sampler.set_epoch(epoch)` at the start of every training epoch and
@@ -35,29 +42,22 @@ class TensorBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def _rank_size(self) -> int:
-        _, world = self._rank_world()
-        return len(self.x) // world if world > 1 else len(self.x)
+        return len(self.x) // self.world_size
 
     def __len__(self) -> int:
         return -(-self._rank_size() // self.batch_size)
 
     def __iter__(self):
-        rank, world = self._rank_world()
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.x), generator=generator)
         else:
             order = torch.arange(len(self.x))
-        if world > 1:
-            order = order[: self._rank_size() * world][rank::world]
-        x, y = (self.x[order], self.y[order]) if self.shuffle or world > 1 else (self.x, self.y)
+        if self.world_size > 1:
+            order = order[: self._rank_size() * self.world_size][self.rank::self.world_size]
+        sharded = self.shuffle or self.world_size > 1
+        x, y = (self.x[order], self.y[order]) if sharded else (self.x, self.y)
         for start in range(0, len(x), self.batch_size):
             yield x[start:start + self.batch_size], y[start:start + self.batch_size]
 
@@ -88,14 +88,21 @@ class InMemoryData(pl.LightningDataModule):
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train[0].shape[1:])
 
+    def _shard(self) -> dict:
+        """Under a running multi-process fit each rank reads its share; anyone else reads everything."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return {}
+        return {"rank": trainer.global_rank, "world_size": trainer.world_size}
+
     def train_dataloader(self):
-        return TensorBatches(*self.train, self.batch_size, shuffle=True, seed=self.seed)
+        return TensorBatches(*self.train, self.batch_size, shuffle=True, seed=self.seed, **self._shard())
 
     def val_dataloader(self):
-        return TensorBatches(*self.val, self.eval_batch_size, shuffle=False)
+        return TensorBatches(*self.val, self.eval_batch_size, shuffle=False, **self._shard())
 
     def test_dataloader(self):
-        return TensorBatches(*self.test, self.eval_batch_size, shuffle=False)
+        return TensorBatches(*self.test, self.eval_batch_size, shuffle=False, **self._shard())
 
 
 def build_data(spec, seed: int) -> InMemoryData:

@@ -60,7 +60,8 @@ class ClassifierModule(pl.LightningModule):
         loss = self._loss(self.model(x), y)
         if self._penalties:
             loss = loss + self.penalty()
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Averaged over ranks so that a multi-process run reports the global batch's loss.
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         return loss
 
     def _evaluate(self, batch, prefix: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from torch import nn
 
 # Lightning warns that in-memory batches have no workers; that is the point of them. The other
 # notices are about Lightning itself, not the user's run.
@@ -21,8 +22,27 @@ for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+def _strategy(settings):
+    """The strategy as Lightning takes it: a name, or a configured FSDP/DeepSpeed strategy."""
+    if settings.strategy == "fsdp":
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        from runner.recipe.schema import FSDPOptions
+
+        options = settings.fsdp or FSDPOptions()
+        return FSDPStrategy(sharding_strategy=options.sharding_strategy, cpu_offload=options.cpu_offload)
+    if settings.strategy == "deepspeed":
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        from runner.recipe.schema import DeepSpeedOptions
+
+        options = settings.deepspeed or DeepSpeedOptions()
+        return DeepSpeedStrategy(stage=options.stage, offload_optimizer=options.offload_optimizer)
+    return settings.strategy
+
+
 def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, **fit_options) -> pl.Trainer:
-    """`settings` is the recipe's TrainerSpec; `fit_options` are per-stage (max_epochs, clipping, ...)."""
+    """`settings` is the stage's TrainerSpec; `fit_options` are per-stage (max_epochs, clipping, ...)."""
     callbacks = list(callbacks or [])
     callbacks.append(LearningRateMonitor(logging_interval="step", log_momentum=True))
     show_progress = settings.progress_bar and sys.stdout.isatty()
@@ -31,9 +51,11 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, *
     return pl.Trainer(
         accelerator=settings.accelerator,
         devices=settings.devices,
-        strategy=settings.strategy,
+        strategy=_strategy(settings),
         num_nodes=settings.num_nodes,
         precision=settings.precision,
+        sync_batchnorm=settings.sync_batchnorm,
+        accumulate_grad_batches=settings.accumulate_grad_batches,
         deterministic=settings.deterministic,
         logger=CSVLogger(stage_dir, name="logs", version=""),
         callbacks=callbacks,
@@ -44,3 +66,25 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, *
         default_root_dir=stage_dir,
         **fit_options,
     )
+
+
+def fitted_model(trainer: pl.Trainer, module: pl.LightningModule, model_spec) -> nn.Module:
+    """The trained `module.model` as a plain model on every rank.
+
+    FSDP and DeepSpeed leave the parameters wrapped (FSDP: sharded across ranks), and
+    sync_batchnorm swapped BatchNorm for SyncBatchNorm; those are rebuilt from the full state dict
+    (gathered on rank 0 and broadcast) so later stages and artifacts see the recipe's model.
+    """
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from runner.artifacts import rebuild
+    from runner.rebuild import transforms_of
+
+    model = module.model
+    wrapped = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+    if not wrapped and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return model
+    state = trainer.strategy.broadcast(trainer.strategy.lightning_module_state_dict())  # a collective: every rank
+    prefix = "model."
+    state = {name[len(prefix):]: tensor.detach().cpu() for name, tensor in state.items() if name.startswith(prefix)}
+    return rebuild(model_spec, transforms_of(model), state)

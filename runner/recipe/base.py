@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,10 @@ class Spec(BaseModel):
     """Unknown keys are errors (a typo must never be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # A stage spec that trains sets this: under a multi-process strategy every rank runs it, while
+    # any other stage runs on global rank 0 and its resulting model is sent to the others.
+    runs_on_every_rank: ClassVar[bool] = False
 
 
 # A name that is safe as a folder name: it can never climb out of the output folder.

@@ -106,6 +106,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
         issues += check_factory_args(source, ("data", "args"), dataset, recipe.data.args)
 
     issues += _check_optional_packages(recipe, source)
+    issues += _check_trainer(recipe, source)
     if not issues:
         issues += _check_param_patterns(recipe, source)
     return issues
@@ -125,6 +126,34 @@ def _check_optional_packages(recipe: Recipe, source: Source) -> list[Issue]:
                 issues.append(_issue(source, ("stages", i, "formats"),
                                      f"ONNX export needs {', '.join(f'`{m}`' for m in missing)}, which is not installed",
                                      "pip install 'nnopt[onnx]', or drop `onnx` from formats"))
+    return issues
+
+
+def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
+    """Accelerator, strategy and precision combinations this machine and Lightning can run."""
+    from runner.recipe.devices import problems, world_size
+
+    issues = [_issue(source, ("trainer", field), message, hint) for field, message, hint in problems(recipe.trainer)]
+    for i, stage in enumerate(recipe.stages):
+        override = getattr(stage, "trainer", None)
+        if override is None:
+            continue
+        own = override.model_dump(exclude_none=True)
+        issues += [_issue(source, ("stages", i, "trainer", field), message, hint)
+                   for field, message, hint in problems(recipe.trainer.for_stage(stage)) if field in own]
+
+    processes = world_size(recipe.trainer)
+    if processes > 1:
+        for block, size in (("batch_size", recipe.data.batch_size), ("eval_batch_size", recipe.data.eval_batch_size)):
+            if size % processes:
+                issues.append(_issue(source, ("data", block), f"{block} {size} is the global batch and does not split "
+                                     f"evenly over {processes} processes", f"use a multiple of {processes}"))
+        for i, stage in enumerate(recipe.stages):
+            for tuner in ("lr_finder", "batch_size_finder"):
+                if getattr(stage, tuner, None) is not None:
+                    issues.append(_issue(source, ("stages", i, tuner), f"Lightning's `{tuner}` runs in one process, "
+                                         f"but this recipe trains in {processes}",
+                                         "find the value in a one-process run, then set it in the recipe"))
     return issues
 
 

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from runner.recipe.base import PositiveInt, Slug, Spec
 from runner.recipe.stages import Stage
+from runner.recipe.training import Precision
 
 
 class ModelSpec(Spec):
@@ -54,19 +55,49 @@ class CheckpointSpec(Spec):
         return self
 
 
+class FSDPOptions(Spec):
+    """Lightning's FSDPStrategy (torch FullyShardedDataParallel): how parameters are sharded."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
+    cpu_offload: bool = False  # keep parameters on CPU between uses: less GPU memory, slower
+
+
+class DeepSpeedOptions(Spec):
+    """Lightning's DeepSpeedStrategy, ZeRO stages 1-2 (stage 3 shards parameters; not supported here)."""
+
+    stage: Literal[1, 2] = 2
+    offload_optimizer: bool = False
+
+
 class TrainerSpec(Spec):
-    """Lightning Trainer settings shared by every training stage."""
+    """Lightning Trainer settings shared by every training stage (a stage's `trainer:` may override some)."""
 
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "cpu"
-    devices: PositiveInt | Literal["auto"] = 1
-    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    devices: PositiveInt | Literal["auto"] = 1  # per node; on CPU, the number of processes
     num_nodes: PositiveInt = 1
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"] = "32-true"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "deepspeed"] = "auto"
+    fsdp: FSDPOptions | None = None  # only with strategy fsdp
+    deepspeed: DeepSpeedOptions | None = None  # only with strategy deepspeed
+    precision: Precision = "32-true"
+    sync_batchnorm: bool = False
+    accumulate_grad_batches: PositiveInt = 1
     deterministic: bool = True
     threads: PositiveInt | None = None  # torch intra-op threads; default: torch's choice
     log_every_n_steps: PositiveInt = 50
     progress_bar: bool = True
     checkpoint: CheckpointSpec | None = CheckpointSpec()  # null: no resume points (a rerun restarts the stage)
+
+    def for_stage(self, stage) -> "TrainerSpec":
+        """These settings with the stage's own `trainer:` overrides applied."""
+        override = getattr(stage, "trainer", None)
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+    def one_process(self) -> "TrainerSpec":
+        """These settings for a stage that runs on rank 0 alone (a one-shot prune's or quantizer's Trainer)."""
+        return self.model_copy(update={"devices": 1, "num_nodes": 1, "strategy": "auto", "fsdp": None,
+                                       "deepspeed": None, "sync_batchnorm": False})
 
 
 class Recipe(Spec):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -17,6 +17,7 @@ from runner.recipe.training import (
     Optimizer,
     Regularization,
     Schedule,
+    TrainerOverride,
     Warmup,
 )
 
@@ -37,6 +38,9 @@ class Training(Spec):
     lr_finder: LRFinder | None = None
     batch_size_finder: BatchSizeFinder | None = None
     val_every_epochs: PositiveInt = 1
+    trainer: TrainerOverride | None = None
+
+    runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
 
     @model_validator(mode="after")
     def _duration(self):

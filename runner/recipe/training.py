@@ -236,3 +236,16 @@ class BatchSizeFinder(Spec):
     mode: Literal["power", "binsearch"] = "power"
     max_trials: Annotated[int, Field(ge=1)] = 6
     steps_per_trial: Annotated[int, Field(ge=1)] = 3
+
+
+# ---- per-stage trainer settings ----------------------------------------------------------------
+
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]
+
+
+class TrainerOverride(Spec):
+    """Trainer settings one training stage may change; the process layout (devices, strategy) is run-wide."""
+
+    precision: Precision | None = None
+    accumulate_grad_batches: PositiveInt | None = None
+    sync_batchnorm: bool | None = None

@@ -10,6 +10,7 @@ from pytorch_lightning.tuner import Tuner
 
 from runner.errors import StageError
 from runner.lightning.module import ClassifierModule
+from runner.lightning.trainer import fitted_model
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
@@ -54,14 +55,16 @@ def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | Non
         trainer.fit(module, datamodule=data)
     finally:
         torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+        data.trainer = None  # later direct reads (evaluate, calibration) see the whole split, unsharded
     wall = time.perf_counter() - start
     if trainer.interrupted:
         raise KeyboardInterrupt
+    module.model = fitted_model(trainer, module, ctx.recipe.model)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     for key in ("train_loss", "val_loss", "val_acc"):
         if key in logged:
             metrics[key] = logged[key]
-    samples = trainer.global_step * data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+    samples = trainer.global_step * data.batch_size * trainer.accumulate_grad_batches  # batch_size is global
     metrics.update(epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=round(wall, 3),
                    samples_per_second=round(samples / wall, 1) if wall > 0 else None,
                    final_lr=trainer.optimizers[0].param_groups[0]["lr"])

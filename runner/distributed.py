@@ -1,0 +1,101 @@
+"""The processes of a multi-process run: starting them, which rank runs what, models sent from rank 0."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runner.errors import StageError
+from runner.rebuild import transforms_of
+from runner.recipe.devices import world_size
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run; a one-process run is Ranks(0, 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+    def from_zero(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (pickled between this run's own processes only)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def launch(settings) -> Ranks:
+    """Start every process of a multi-process run now, so each rank runs the pipeline from its first stage.
+
+    Lightning's launcher re-executes this command once per extra local process (ddp, fsdp,
+    deepspeed); under torchrun or SLURM the processes exist already and this only joins them into
+    one process group, which every later Trainer reuses. With `ddp_spawn` Lightning spawns workers
+    inside each fit instead, and the pipeline stays in this one process.
+    """
+    if settings.strategy == "ddp_spawn" or world_size(settings) == 1:
+        return Ranks()
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes,
+                    strategy=settings.strategy)
+    fabric.launch()
+    return Ranks(fabric.global_rank, fabric.world_size)
+
+
+def state_digest(model: nn.Module) -> str:
+    """A short hash of every tensor in the state dict (weights, masks, buffers), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_on_zero(ranks: Ranks, stage: str, work: Callable[[], Any]) -> Any:
+    """Rank 0 runs `work` and returns its result; the others wait (at a broadcast, which is a barrier)
+    and return None, or fail too when rank 0 failed, so no rank waits forever."""
+    if ranks.world_size == 1:
+        return work()
+    if not ranks.is_zero:
+        failure = ranks.from_zero(None)
+        if failure is not None:
+            raise StageError(stage, f"failed on rank 0: {failure}")
+        return None
+    try:
+        result = work()
+    except BaseException as error:
+        ranks.from_zero(str(error) or type(error).__name__)
+        raise
+    ranks.from_zero(None)
+    return result
+
+
+def model_from_zero(ranks: Ranks, model_spec, model: nn.Module | None) -> nn.Module:
+    """Rank 0's model on every rank: its spec, recorded transforms and weights travel, never its code."""
+    if ranks.world_size == 1:
+        return model
+    payload = ranks.from_zero((transforms_of(model), model.state_dict()) if ranks.is_zero else None)
+    if ranks.is_zero:
+        return model
+    from runner.artifacts import rebuild
+
+    return rebuild(model_spec, *payload)
