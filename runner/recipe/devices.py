@@ -95,6 +95,9 @@ def problems(settings, machine: Machine | None = None) -> list[tuple[str, str, s
             found.append((options, f"`{options}` options given but the strategy is `{settings.strategy}`",
                           f"set `strategy: {options}` or remove the `{options}` block"))
 
+    if settings.sync_batchnorm and accelerator != "cuda":
+        found.append(("sync_batchnorm", "torch's SyncBatchNorm runs only on CUDA GPUs",
+                      "remove `sync_batchnorm` (each CPU process then normalizes over its share of the batch)"))
     if settings.precision == "16-mixed" and accelerator == "cpu":
         found.append(("precision", "`16-mixed` (float16 AMP) runs only on GPUs; on CPU Lightning would silently "
                       "switch to bfloat16", "use `precision: bf16-mixed` on CPU"))

@@ -1,0 +1,157 @@
+"""Accelerators and distributed runs: 2-process DDP on CPU equals one process, bf16, rejected combinations."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner.recipe.devices import Machine
+from tests.conftest import read_metrics, synthetic_recipe
+from tests.test_validation import assert_clean_error
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process: Lightning's ddp launcher re-executes sys.argv, so never in-process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run([sys.executable, "-m", "runner", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def state_digest_of(path: Path) -> str:
+    """The same digest runner.distributed.state_digest computes, from the saved weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(torch.load(path, weights_only=True).items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def assert_same_metrics(one: dict, two: dict, keys) -> None:
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recipe, nnopt, tmp_path):
+    recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 1e-4}])
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "one")
+    assert code == 0, err
+    run_cli("run", write_recipe(recipe), "-O", tmp_path / "two", "-o", "trainer.strategy=ddp",
+            "-o", "trainer.devices=2")
+
+    one, two = tmp_path / "one" / "tiny", tmp_path / "two" / "tiny"
+    assert files_under(two) == files_under(one)  # one set of artifacts, written by rank 0 alone
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["tiny"]
+    train_one, train_two = read_metrics(one, "01-train"), read_metrics(two, "01-train")
+    assert train_two["steps"] == train_one["steps"] == 2 * 512 // 32
+    assert_same_metrics(train_one, train_two, ["train_loss", "val_loss", "val_acc"])
+    assert_same_metrics(read_metrics(one, "02-evaluate"), read_metrics(two, "02-evaluate"),
+                        ["test_loss", "test_acc"])
+    # Both ranks ended with the model rank 0 saved.
+    assert train_two["rank_digests"] == [state_digest_of(two / "01-train" / "model.pt")] * 2
+    assert "rank_digests" not in train_one
+
+
+def test_environment_variable_launch_joins_processes_started_by_hand(write_recipe, tmp_path):
+    """What torchrun or a cluster scheduler does: start every rank with MASTER_ADDR/PORT, WORLD_SIZE, ranks."""
+    path = write_recipe(synthetic_recipe(epochs=1) | {"trainer": {"progress_bar": False, "strategy": "ddp",
+                                                                    "devices": 2}})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "runner", "run", str(path), "-O", str(tmp_path / "out")],
+                              cwd=REPO, env={**env, "LOCAL_RANK": str(rank), "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][1]
+    assert "nnopt run: tiny" in outputs[0][0] and "nnopt run: tiny" not in outputs[1][0]  # rank 0 reports
+    digests = read_metrics(tmp_path / "out" / "tiny", "01-train")["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_bf16_mixed_on_cpu_trains_in_bfloat16(write_recipe, nnopt, tmp_path):
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        recipe = synthetic_recipe(epochs=2)
+        recipe["trainer"]["precision"] = precision
+        code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / precision)
+        assert code == 0, err
+        results[precision] = read_metrics(tmp_path / precision / "tiny", "01-train")
+    bf16, fp32 = results["bf16-mixed"], results["32-true"]
+    assert bf16["val_acc"] > 0.6  # it learns (chance is 0.1) ...
+    assert bf16["train_loss"] != pytest.approx(fp32["train_loss"], rel=1e-5)  # ... with bfloat16 rounding
+
+
+def test_a_stage_overrides_accumulation_and_precision(write_recipe, nnopt, tmp_path):
+    recipe = synthetic_recipe(epochs=2, trainer={"accumulate_grad_batches": 2, "precision": "bf16-mixed"})
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    assert read_metrics(tmp_path / "tiny", "01-train")["steps"] == 2 * (512 // 32) // 2
+
+
+MACHINE = Machine.probe()
+
+
+def rejected(write_recipe, nnopt, run_wide: dict, **stage):
+    recipe = synthetic_recipe(**stage)
+    recipe["trainer"].update(run_wide)
+    path = write_recipe(recipe)
+    code, _, err = nnopt("validate", path)
+    return code, " ".join(err.split()), path  # rich wraps long lines
+
+
+@pytest.mark.parametrize("trainer, field, message", [
+    ({"strategy": "fsdp"}, "trainer.strategy", "`fsdp` runs only on CUDA GPUs; Lightning refuses it with accelerator `cpu`"),
+    ({"precision": "16-mixed"}, "trainer.precision", "`16-mixed` (float16 AMP) runs only on GPUs"),
+    ({"fsdp": {"sharding_strategy": "SHARD_GRAD_OP"}}, "trainer.fsdp", "`fsdp` options given but the strategy is `auto`"),
+    ({"sync_batchnorm": True}, "trainer.sync_batchnorm", "torch's SyncBatchNorm runs only on CUDA GPUs"),
+    ({"devices": MACHINE.cpu_cores + 1}, "trainer.devices",
+     f"devices: {MACHINE.cpu_cores + 1} CPU processes but this machine has {MACHINE.cpu_cores} cores"),
+    pytest.param({"accelerator": "tpu"}, "trainer.accelerator", "accelerator `tpu` needs torch_xla",
+                 marks=pytest.mark.skipif(MACHINE.torch_xla, reason="torch_xla is installed")),
+    pytest.param({"accelerator": "gpu"}, "trainer.accelerator", "accelerator `gpu` but no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(MACHINE.cuda_devices > 0, reason="a GPU is visible")),
+    pytest.param({"strategy": "deepspeed"}, "trainer.strategy", "strategy `deepspeed` needs the deepspeed package",
+                 marks=pytest.mark.skipif(MACHINE.deepspeed, reason="deepspeed is installed")),
+])
+def test_combinations_lightning_cannot_run_are_rejected_before_anything_starts(write_recipe, nnopt, trainer,
+                                                                               field, message):
+    code, err, path = rejected(write_recipe, nnopt, trainer)
+    assert_clean_error(code, err, f"{path}:", f"{field}: {message}", "hint")
+
+
+def test_multi_process_rules_and_stage_overrides_are_located(write_recipe, nnopt):
+    code, err, path = rejected(write_recipe, nnopt, {"strategy": "ddp", "devices": 2},
+                               lr_finder={}, trainer={"precision": "16-mixed"})
+    assert_clean_error(code, err, "stages[0].lr_finder: Lightning's `lr_finder` runs in one process",
+                       "stages[0].trainer.precision: `16-mixed`")
+    code, err, _ = rejected(write_recipe, nnopt, {"strategy": "ddp", "devices": 2, "num_nodes": 3})
+    assert_clean_error(code, err, "data.batch_size: batch_size 32 is the global batch and does not split evenly "
+                       "over 6 processes", "use a multiple of 6")
+
+
+def test_a_launcher_with_another_process_count_is_rejected(write_recipe, nnopt, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, err, _ = rejected(write_recipe, nnopt, {"strategy": "ddp", "devices": 2})
+    assert_clean_error(code, err, "trainer.devices: the launcher started 4 processes (WORLD_SIZE=4) but devices x "
+                       "num_nodes = 2")
