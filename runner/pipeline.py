@@ -94,7 +94,7 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
         )
         start = time.perf_counter()
         if everywhere:
-            ranks.from_zero(None)  # a barrier: rank 0 has emptied the stage folder before anyone trains into it
+            ranks.from_zero(None)  # a barrier: every rank sees the folder (and any checkpoint to resume) after reset
             result = STAGES.get(spec.kind)(spec, model, ctx)
             if ranks.world_size > 1:
                 result.metrics["rank_digests"] = _same_on_every_rank(ranks, spec.name, result.model)

@@ -47,26 +47,39 @@ def assert_same_metrics(one: dict, two: dict, keys) -> None:
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 
 
-def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recipe, nnopt, tmp_path):
+def prune_recipe() -> dict:
+    """train -> prune (one-shot, global magnitude) -> finetune -> evaluate on the synthetic data."""
     recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 1e-4}])
-    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "one")
+    recipe["trainer"]["checkpoint"] = None
+    recipe["stages"][1:1] = [
+        {"name": "prune", "kind": "prune", "scope": "global", "sparsity": 0.8},
+        {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
+    ]
+    return recipe
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recipe, nnopt, tmp_path):
+    path = write_recipe(prune_recipe())
+    code, _, err = nnopt("run", path, "-O", tmp_path / "one")
     assert code == 0, err
-    run_cli("run", write_recipe(recipe), "-O", tmp_path / "two", "-o", "trainer.strategy=ddp",
-            "-o", "trainer.devices=2")
+    run_cli("run", path, "-O", tmp_path / "two", "-o", "trainer.strategy=ddp", "-o", "trainer.devices=2")
 
     one, two = tmp_path / "one" / "tiny", tmp_path / "two" / "tiny"
     assert files_under(two) == files_under(one)  # one set of artifacts, written by rank 0 alone
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["tiny"]
-    train_one, train_two = read_metrics(one, "01-train"), read_metrics(two, "01-train")
-    assert train_two["steps"] == train_one["steps"] == 2 * 512 // 32
-    assert_same_metrics(train_one, train_two, ["train_loss", "val_loss", "val_acc"])
-    assert_same_metrics(read_metrics(one, "02-evaluate"), read_metrics(two, "02-evaluate"),
-                        ["test_loss", "test_acc"])
-    # Both ranks ended with the model rank 0 saved.
-    assert train_two["rank_digests"] == [state_digest_of(two / "01-train" / "model.pt")] * 2
-    assert "rank_digests" not in train_one
+    for stage in ("01-train", "03-finetune"):
+        single, ddp = read_metrics(one, stage), read_metrics(two, stage)
+        assert ddp["steps"] == single["steps"] > 0
+        assert_same_metrics(single, ddp, ["train_loss", "val_loss", "val_acc"])
+        # Both ranks ended training with the model rank 0 saved, pruning masks included.
+        assert ddp["rank_digests"] == [state_digest_of(two / stage / "model.pt")] * 2
+        assert "rank_digests" not in single
+    assert any(name.endswith("mask") for name in torch.load(two / "03-finetune" / "model.pt", weights_only=True))
+    assert read_metrics(two, "03-finetune")["sparsity"] == read_metrics(one, "03-finetune")["sparsity"] > 0.7
+    assert_same_metrics(read_metrics(one, "04-evaluate"), read_metrics(two, "04-evaluate"), ["test_loss", "test_acc"])
 
 
+@pytest.mark.slow
 def test_environment_variable_launch_joins_processes_started_by_hand(write_recipe, tmp_path):
     """What torchrun or a cluster scheduler does: start every rank with MASTER_ADDR/PORT, WORLD_SIZE, ranks."""
     path = write_recipe(synthetic_recipe(epochs=1) | {"trainer": {"progress_bar": False, "strategy": "ddp",
