@@ -48,10 +48,9 @@ def launch(settings) -> Ranks:
 
     Lightning's launcher re-executes this command once per extra local process (ddp, fsdp,
     deepspeed); under torchrun or SLURM the processes exist already and this only joins them into
-    one process group, which every later Trainer reuses. With `ddp_spawn` Lightning spawns workers
-    inside each fit instead, and the pipeline stays in this one process.
+    one process group, which every later Trainer reuses.
     """
-    if settings.strategy == "ddp_spawn" or world_size(settings) == 1:
+    if world_size(settings) == 1:
         return Ranks()
     from lightning_fabric import Fabric
 

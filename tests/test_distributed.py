@@ -136,6 +136,7 @@ def rejected(write_recipe, nnopt, run_wide: dict, **stage):
     ({"strategy": "fsdp"}, "trainer.strategy", "`fsdp` runs only on CUDA GPUs; Lightning refuses it with accelerator `cpu`"),
     ({"precision": "16-mixed"}, "trainer.precision", "`16-mixed` (float16 AMP) runs only on GPUs"),
     ({"fsdp": {"sharding_strategy": "SHARD_GRAD_OP"}}, "trainer.fsdp", "`fsdp` options given but the strategy is `auto`"),
+    ({"strategy": "ddp_spawn"}, "trainer.strategy", "`ddp_spawn` is not supported"),
     ({"sync_batchnorm": True}, "trainer.sync_batchnorm", "torch's SyncBatchNorm runs only on CUDA GPUs"),
     ({"devices": MACHINE.cpu_cores + 1}, "trainer.devices",
      f"devices: {MACHINE.cpu_cores + 1} CPU processes but this machine has {MACHINE.cpu_cores} cores"),

@@ -80,6 +80,10 @@ def problems(settings, machine: Machine | None = None) -> list[tuple[str, str, s
             found.append(("devices", f"devices: {devices} CPU processes but this machine has {machine.cpu_cores} cores",
                           f"use at most {machine.cpu_cores}"))
 
+    if settings.strategy == "ddp_spawn":
+        found.append(("strategy", "`ddp_spawn` is not supported: its workers hand back only the weights, and pruning "
+                      "masks (parametrized modules) cannot be pickled to them",
+                      "use `strategy: ddp` (the same training; its processes start once, for the whole recipe)"))
     if settings.strategy == "fsdp" and accelerator != "cuda":
         found.append(("strategy", f"`fsdp` runs only on CUDA GPUs; Lightning refuses it with accelerator "
                       f"`{settings.accelerator}`" + (f" (here: {accelerator})" if settings.accelerator == "auto" else ""),
