@@ -69,22 +69,20 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, *
 
 
 def fitted_model(trainer: pl.Trainer, module: pl.LightningModule, model_spec) -> nn.Module:
-    """The trained `module.model` as a plain model on every rank.
+    """The trained `module.model` as a plain CPU model on every rank.
 
-    FSDP and DeepSpeed leave the parameters wrapped (FSDP: sharded across ranks), and
-    sync_batchnorm swapped BatchNorm for SyncBatchNorm; those are rebuilt from the full state dict
-    (gathered on rank 0 and broadcast) so later stages and artifacts see the recipe's model.
+    DDP hands the module back unwrapped (and SyncBatchNorm reverted). FSDP and DeepSpeed leave
+    the parameters wrapped (FSDP: sharded across ranks), so the model is rebuilt from the full
+    state dict, gathered on rank 0 and broadcast, and later stages and artifacts see the recipe's model.
     """
     from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 
     from runner.artifacts import rebuild
     from runner.rebuild import transforms_of
 
-    model = module.model
-    wrapped = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
-    if not wrapped and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        return model
+    if not isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        return module.model
     state = trainer.strategy.broadcast(trainer.strategy.lightning_module_state_dict())  # a collective: every rank
     prefix = "model."
     state = {name[len(prefix):]: tensor.detach().cpu() for name, tensor in state.items() if name.startswith(prefix)}
-    return rebuild(model_spec, transforms_of(model), state)
+    return rebuild(model_spec, transforms_of(module.model), state)
