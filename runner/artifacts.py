@@ -22,6 +22,7 @@ CONFIG = "stage.json"
 DONE = "DONE"
 CHECKPOINTS = "checkpoint"  # resume point of an unfinished training stage; removed once DONE is written
 LAST_CHECKPOINT = "last.ckpt"
+CHECKPOINT_POSITION = "last.json"  # step and epoch of LAST_CHECKPOINT, for messages only
 CHECKPOINT_OWNER = "fingerprint"  # the stage fingerprint the checkpoints in CHECKPOINTS belong to
 
 
@@ -104,6 +105,14 @@ def resumable_checkpoint(folder: Path, fingerprint: str) -> Path | None:
     if folder.is_symlink() or not checkpoint.is_file() or not marker.is_file():
         return None
     return checkpoint if marker.read_text(encoding="utf-8").strip() == fingerprint else None
+
+
+def checkpoint_position(folder: Path) -> dict:
+    """{"step": ..., "epoch": ...} of the stage's last checkpoint ({} if unknown)."""
+    try:
+        return read_json(folder / CHECKPOINTS / CHECKPOINT_POSITION)
+    except (OSError, ValueError):
+        return {}
 
 
 def reset(folder: Path, fingerprint: str) -> Path:

@@ -114,7 +114,7 @@ def _os_error_message(error: OSError) -> str:
     where = f" ({error.filename})" if error.filename else ""
     if error.errno == errno.ENOSPC:
         return f"the disk is full{where}; free some space or choose another output folder with -O, then rerun to continue"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return f"cannot write{where}: {error.strerror}; choose a writable output folder with -O"
     return str(error)
 
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STAGE_FAILED
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: finished stages are kept and an interrupted training stage "
-                          "resumes from its last checkpoint; to continue, run the same command again:\n  "
-                          + escape(shlex.join(["nnopt", *argv])))
+                          "resumes from its last checkpoint; to continue, run the same command again:")
+        err_console.print("  " + escape(shlex.join(["nnopt", *argv])), soft_wrap=True)
         return EXIT_INTERRUPTED
     except Exception as error:  # data unavailable, disk full, ...: a message, not a traceback
         from runner.data import DataUnavailable

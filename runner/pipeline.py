@@ -28,6 +28,14 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _load_upstream(folder: Path, stage: str):
+    try:
+        return artifacts.load_model(folder)
+    except Exception as error:  # tampered with or damaged after it was finished: never trusted, never unpickled
+        raise StageError(stage, f"the finished artifact it starts from, {folder}, does not load: {error}",
+                         f"delete {folder} (or rerun with --from {folder.name.split('-', 1)[1]}) to rebuild it") from None
+
+
 def print_plan(plan, console: Console) -> None:
     style = {"run": "bold", "reuse": "cyan", "skip": "dim"}
     console.print("plan:")
@@ -79,7 +87,7 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
             outcomes.append({**outcome, "metrics": artifacts.read_json(step.folder / artifacts.METRICS) if finished else {}})
             continue
         if upstream_artifact is not None:
-            loaded = artifacts.load_model(upstream_artifact) if ranks.is_zero else None
+            loaded = _load_upstream(upstream_artifact, spec.name) if ranks.is_zero else None
             model, upstream_artifact = model_from_zero(ranks, recipe.model, loaded), None
         console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
         if ranks.is_zero:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from runner import __version__
-from runner.artifacts import is_done, resumable_checkpoint, stage_dir
+from runner.artifacts import checkpoint_position, is_done, resumable_checkpoint, stage_dir
 from runner.errors import Issue, RecipeError
 from runner.registry import did_you_mean
 
@@ -64,7 +64,9 @@ def _why_not_reused(folder: Path, fingerprint: str) -> str:
     if (folder / "DONE").exists():
         return "config changed"
     if resumable_checkpoint(folder, fingerprint) is not None:
-        return "unfinished: resumes from its last checkpoint"
+        position = checkpoint_position(folder)
+        where = f" at step {position['step']} (epoch {position['epoch']})" if position else ""
+        return f"unfinished: resumes from its last checkpoint{where}"
     return "unfinished artifact: redone"
 
 

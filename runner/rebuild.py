@@ -33,10 +33,12 @@ def transforms_of(model: nn.Module) -> list[dict]:
 
 
 def replay(model: nn.Module, transforms: list[dict]) -> nn.Module:
+    """Apply `transforms` after those the model already has (none, for a freshly built one)."""
+    done = transforms_of(model)
     for entry in transforms:
         info = {k: v for k, v in entry.items() if k != "kind"}
         model = TRANSFORMS.get(entry["kind"])(model, **info)
-    setattr(model, _ATTRIBUTE, list(transforms))
+    setattr(model, _ATTRIBUTE, done + list(transforms))
     return model
 
 

@@ -18,6 +18,10 @@ class TensorBatches:
     so the ranks' batch i together are exactly the one-process batch i and DDP's averaged
     gradient equals the one-process gradient. The last (len mod world_size) examples of each
     permutation are skipped so every rank has the same number of batches.
+
+    `state_dict` is the position in the epoch; Lightning stores it in checkpoints and hands it back
+    on resume, so a run resumed mid-epoch skips exactly the batches it had already trained on.
+    Lightning fetches no batch ahead from a loader with a length, so "served" is "trained on".
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
@@ -30,6 +34,8 @@ class TensorBatches:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._served = 0  # batches yielded so far in the current epoch
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
 
     # Lightning calls `loader.sampler.set_epoch(epoch)` at the start of every training epoch and
     # looks for a batch sampler; these two attributes let it treat us like a DataLoader.
@@ -41,6 +47,14 @@ class TensorBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The iterator may be created before Lightning calls set_epoch for the resumed epoch.
+        self.epoch = state["epoch"]
+        self._resume_at = (state["epoch"], state["served"])
 
     def _rank_size(self) -> int:
         return len(self.x) // self.world_size
@@ -58,7 +72,11 @@ class TensorBatches:
             order = order[: self._rank_size() * self.world_size][self.rank::self.world_size]
         sharded = self.shuffle or self.world_size > 1
         x, y = (self.x[order], self.y[order]) if sharded else (self.x, self.y)
-        for start in range(0, len(x), self.batch_size):
+        skip = self._resume_at[1] if self._resume_at is not None and self._resume_at[0] == self.epoch else 0
+        self._resume_at = None
+        self._served = skip
+        for start in range(skip * self.batch_size, len(x), self.batch_size):
+            self._served += 1
             yield x[start:start + self.batch_size], y[start:start + self.batch_size]
 
 

@@ -15,6 +15,10 @@ from runner.optim import build_optimizer, build_scheduler
 from runner.pruning import add_masks_from_state_dict
 
 
+class NonFiniteLoss(ArithmeticError):
+    """The loss became NaN or infinite; `fit` turns it into the stage's StageError."""
+
+
 class ClassifierModule(pl.LightningModule):
     """Wraps a plain nn.Module; the stage spec supplies optimizer, schedule, loss, regularization."""
 
@@ -60,9 +64,17 @@ class ClassifierModule(pl.LightningModule):
         loss = self._loss(self.model(x), y)
         if self._penalties:
             loss = loss + self.penalty()
+        if not torch.isfinite(loss.detach()):
+            self._stop_on_non_finite(loss, batch_idx)
         # Averaged over ranks so that a multi-process run reports the global batch's loss.
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         return loss
+
+    def _stop_on_non_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Training on from a NaN or infinite loss only spreads it into every weight: stop the stage now."""
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else self.lr
+        raise NonFiniteLoss(f"the training loss is {loss.item()} at step {self.global_step} "
+                            f"(epoch {self.current_epoch}, batch {batch_idx}), learning rate {lr:.4g}")
 
     def _evaluate(self, batch, prefix: str):
         x, y = batch

@@ -12,6 +12,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
+from runner.lightning.resume import ResumePoints
+
 # Lightning warns that in-memory batches have no workers; that is the point of them. The other
 # notices are about Lightning itself, not the user's run.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -45,6 +47,8 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, *
     """`settings` is the stage's TrainerSpec; `fit_options` are per-stage (max_epochs, clipping, ...)."""
     callbacks = list(callbacks or [])
     callbacks.append(LearningRateMonitor(logging_interval="step", log_momentum=True))
+    if settings.checkpoint is not None:
+        callbacks.append(ResumePoints(stage_dir, settings.checkpoint.every_n_steps, settings.checkpoint.every_n_epochs))
     show_progress = settings.progress_bar and sys.stdout.isatty()
     if show_progress:
         callbacks.append(RichProgressBar())
@@ -60,7 +64,8 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, *
         logger=CSVLogger(stage_dir, name="logs", version=""),
         callbacks=callbacks,
         log_every_n_steps=settings.log_every_n_steps,
-        enable_checkpointing=False,
+        # True only lets our ResumePoints (a Checkpoint) in; Lightning adds no ModelCheckpoint of its own then.
+        enable_checkpointing=settings.checkpoint is not None,
         enable_progress_bar=show_progress,
         enable_model_summary=False,
         default_root_dir=stage_dir,

@@ -31,6 +31,14 @@ class FreezeQuantization(pl.Callback):
         self.observers_frozen_at: int | None = None
         self.batchnorm_frozen_at: int | None = None
 
+    def on_train_start(self, trainer, pl_module):
+        # Resuming from a checkpoint: `freeze_bn` is a plain attribute, not in the state dict, so what the
+        # restored state says was frozen must be frozen again before training goes on.
+        if self.observers_frozen_at is not None:
+            int8.freeze_observers(pl_module.model)
+        if self.batchnorm_frozen_at is not None:
+            int8.freeze_batchnorm(pl_module.model)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         if self.observers_frozen_at is None and self.observers_at is not None and step >= self.observers_at:

@@ -1,0 +1,133 @@
+"""Exact resume: a training stage interrupted after a checkpoint continues from it and ends bit-identical
+to a run that was never interrupted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from runner.cli import main
+from runner.lightning.resume import ResumePoints
+from tests.conftest import read_metrics, synthetic_recipe
+
+TIMING = {"fit_seconds", "samples_per_second", "resumed"}
+
+
+def timing(metric: str) -> bool:
+    """Wall-clock figures differ between any two runs; everything else must match bit for bit."""
+    return metric in TIMING or metric.startswith("latency")
+
+
+def resumable_recipe() -> dict:
+    # Dropout draws from the global RNG, momentum and the schedule carry state: all three must resume.
+    recipe = synthetic_recipe(epochs=3, warmup={"steps": 6}, schedule={"name": "cosine"},
+                              early_stopping={"patience": 5})
+    recipe["model"]["args"]["dropout"] = 0.3
+    recipe["trainer"]["checkpoint"] = {"every_n_steps": 8, "every_n_epochs": 1}  # 16 batches per epoch
+    return recipe
+
+
+def interrupt_after_checkpoint(monkeypatch, count: int) -> list[int]:
+    """Press Ctrl-C right after the `count`-th checkpoint is written; returns the steps saved."""
+    save, saved = ResumePoints._save, []
+
+    def save_then_interrupt(self, trainer):
+        save(self, trainer)
+        saved.append(trainer.global_step)
+        if len(saved) == count:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumePoints, "_save", save_then_interrupt)
+    return saved
+
+
+def results(run_dir) -> tuple[dict, dict, dict]:
+    train = {k: v for k, v in read_metrics(run_dir, "01-train").items() if not timing(k)}
+    evaluate = {k: v for k, v in read_metrics(run_dir, "02-evaluate").items() if not timing(k)}
+    return train, evaluate, torch.load(run_dir / "01-train" / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[dict, dict, dict]:
+    folder = tmp_path_factory.mktemp("straight")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(resumable_recipe()))
+    assert main(["run", str(folder / "recipe.yaml"), "-O", str(folder)]) == 0
+    return results(folder / "tiny")
+
+
+@pytest.mark.parametrize("count", [2, 3, 4], ids=["step16-before-validation", "end-of-epoch0", "mid-epoch1"])
+def test_interrupted_training_resumes_bit_identical(nnopt, write_recipe, tmp_path, monkeypatch, uninterrupted, count):
+    recipe, expected = write_recipe(resumable_recipe()), uninterrupted
+
+    with monkeypatch.context() as patch:
+        saved = interrupt_after_checkpoint(patch, count)
+        code, _, err = nnopt("run", recipe, "-O", tmp_path / "interrupted")
+    assert code == 130 and f"nnopt run {recipe} -O {tmp_path / 'interrupted'}" in err
+    run_dir = tmp_path / "interrupted" / "tiny"
+    assert not (run_dir / "01-train" / "DONE").exists() and (run_dir / "01-train" / "checkpoint" / "last.ckpt").is_file()
+
+    code, out, _ = nnopt("run", recipe, "-O", tmp_path / "interrupted")
+    assert code == 0 and "train (train): unfinished: resumes from its last checkpoint" in out
+    assert f"at step {saved[-1]}" in out
+    train, evaluate, weights = results(run_dir)
+    assert read_metrics(run_dir, "01-train")["resumed"] is True
+    assert (train, evaluate) == expected[:2]
+    assert weights.keys() == expected[2].keys() and all(torch.equal(weights[k], expected[2][k]) for k in weights)
+    assert not (run_dir / "01-train" / "checkpoint").exists()  # superseded by the finished artifact
+
+
+def test_checkpoint_of_another_config_is_not_resumed(nnopt, write_recipe, tmp_path, monkeypatch):
+    recipe = resumable_recipe()
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 2)
+        assert nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")[0] == 130
+    recipe["stages"][0]["optimizer"]["lr"] = 0.02
+    code, out, _ = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    assert code == 0 and "train (train): unfinished artifact: redone" in out
+    assert "resumed" not in read_metrics(tmp_path / "out" / "tiny", "01-train")
+
+
+def test_finetune_of_a_pruned_model_resumes_with_its_masks(nnopt, write_recipe, tmp_path, monkeypatch):
+    recipe = resumable_recipe()
+    recipe["stages"][0]["epochs"] = 2  # 6 checkpoints: steps 8, 16, end of epoch 0, 24, 32, end of epoch 1
+    finetune = {"name": "finetune", "kind": "finetune", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}
+    recipe["stages"][1:1] = [{"name": "prune", "kind": "prune", "sparsity": 0.8, "scope": "global"}, finetune]
+    path = write_recipe(recipe)
+    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 6 + 4)  # finetune's step 24, mid-epoch 1
+        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
+    code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
+    assert code == 0 and "finetune (finetune): unfinished: resumes from its last checkpoint at step 24" in out
+
+    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    for folder in ("03-finetune", "04-evaluate"):
+        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
+        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
+    assert read_metrics(resumed, "04-evaluate")["sparsity"] > 0.5
+    weights = torch.load(resumed / "03-finetune" / "model.pt", weights_only=True)
+    expected = torch.load(straight / "03-finetune" / "model.pt", weights_only=True)
+    assert any(".mask" in key for key in weights)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
+def test_qat_resumes_with_frozen_observers_and_batchnorm(nnopt, write_recipe, tmp_path, monkeypatch):
+    recipe = resumable_recipe()
+    recipe["model"] = {"import": "tests.models:conv_bn"}
+    recipe["data"]["args"]["shape"] = [1, 8, 8]
+    recipe["stages"][0]["epochs"] = 1  # 3 checkpoints: steps 8, 16, end of epoch 0
+    qat = {"name": "qat", "kind": "quantize", "method": "qat", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.01},
+           "freeze_observers_after": {"steps": 4}, "freeze_batchnorm_after": {"steps": 12}}
+    recipe["stages"].insert(1, qat)
+    path = write_recipe(recipe)
+    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 3 + 4)  # QAT's step 24: observers and BatchNorm frozen before it
+        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
+    code, out, err = nnopt("run", path, "-O", tmp_path / "interrupted")
+    assert code == 0 and "qat (quantize): unfinished: resumes from its last checkpoint at step 24" in out, err
+    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    for folder in ("02-qat", "03-evaluate"):
+        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
+        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
