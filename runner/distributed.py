@@ -75,16 +75,15 @@ def run_on_zero(ranks: Ranks, stage: str, work: Callable[[], Any]) -> Any:
     if ranks.world_size == 1:
         return work()
     if not ranks.is_zero:
-        failure = ranks.from_zero(None)
-        if failure is not None:
-            raise StageError(stage, f"failed on rank 0: {failure}")
+        if ranks.from_zero(None):
+            raise StageError(stage, f"rank 0 failed it; this is rank {ranks.rank}, stopping too")
         return None
     try:
         result = work()
-    except BaseException as error:
-        ranks.from_zero(str(error) or type(error).__name__)
+    except BaseException:
+        ranks.from_zero(True)
         raise
-    ranks.from_zero(None)
+    ranks.from_zero(False)
     return result
 
 

@@ -169,3 +169,16 @@ def test_a_launcher_with_another_process_count_is_rejected(write_recipe, nnopt, 
     code, err, _ = rejected(write_recipe, nnopt, {"strategy": "ddp", "devices": 2})
     assert_clean_error(code, err, "trainer.devices: the launcher started 4 processes (WORLD_SIZE=4) but devices x "
                        "num_nodes = 2")
+
+
+@pytest.mark.slow
+def test_a_stage_failing_on_rank_0_stops_every_rank(write_recipe, tmp_path):
+    recipe = prune_recipe()
+    recipe["trainer"].update(strategy="ddp", devices=2)
+    recipe["stages"][2] = {"name": "prune_less", "kind": "prune", "scope": "global", "sparsity": 0.5}
+    done = run_cli("run", write_recipe(recipe), "-O", tmp_path, check=False)  # a hang would hit the timeout
+    assert done.returncode == 1
+    stderr = " ".join(done.stderr.split())
+    assert "stage `prune_less` failed: the pruned parameters are already 79.99% sparse" in stderr
+    assert "rank 0 failed it; this is rank 1, stopping too" in stderr
+    assert (tmp_path / "tiny" / "02-prune" / "DONE").is_file() and not (tmp_path / "tiny" / "03-prune_less" / "DONE").exists()
