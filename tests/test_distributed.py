@@ -50,7 +50,6 @@ def assert_same_metrics(one: dict, two: dict, keys) -> None:
 def prune_recipe() -> dict:
     """train -> prune (one-shot, global magnitude) -> finetune -> evaluate on the synthetic data."""
     recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 1e-4}])
-    recipe["trainer"]["checkpoint"] = None
     recipe["stages"][1:1] = [
         {"name": "prune", "kind": "prune", "scope": "global", "sparsity": 0.8},
         {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
