@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from runner.errors import StageError
 from runner.measure import named_tensors
 from runner.rebuild import TRANSFORMS, record
 
@@ -137,10 +138,11 @@ def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def select_masks(model: nn.Module, targets: dict[str, float], scope: str, method: str,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+                 generator: torch.Generator, strict: bool = True) -> dict[str, torch.Tensor]:
     """New keep-masks reaching the targets exactly: per layer, or one global ranking (one shared target).
 
-    Raises ValueError when a layer (or the whole set) is already sparser than asked: pruning never revives.
+    Pruning never revives: a layer (or the whole set) already sparser than asked raises ValueError when
+    `strict`, else stays as it is (a gradual schedule that starts below the model's sparsity).
     """
     weights = named_tensors(model)
     scores = {n: _scores(weights[n], current_mask(model, n), method, generator) for n in targets}
@@ -153,6 +155,8 @@ def select_masks(model: nn.Module, targets: dict[str, float], scope: str, method
         flat = torch.cat([scores[n].flatten() for n in names])
         count = round(target * flat.numel())
         already = int((flat < 0).sum())
+        if already > count and not strict:
+            count = already
         if already > count:
             where = f"`{names[0]}` is" if len(names) == 1 else "the pruned parameters are"
             raise ValueError(f"{where} already {already / flat.numel():.2%} sparse, above the target {target:.2%}; "
@@ -189,3 +193,51 @@ def revived(model: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
         if bool((current_mask(model, name) & ~old).any()) or bool(original.detach()[~old].any()):
             bad.append(name)
     return bad
+
+
+# ---- what pruning stages and callbacks share: targets from the spec, the prune, the promise check ----
+
+
+def resolve_targets(stage: str, model, sparsity, params: list[str] | None) -> dict[str, float]:
+    """Which parameters get which target; patterns that match nothing are errors, never ignored."""
+    names = prunable_names(model, params)
+    if not names:
+        raise StageError(stage, "the model has nothing to prune" + (f" matching {params}" if params else ""),
+                         "by default the weights of Linear and Conv layers are pruned; set `params` to choose others")
+    unmatched = unmatched_patterns(params or [], list(named_tensors(model)))
+    if isinstance(sparsity, dict):
+        unmatched += unmatched_patterns(list(sparsity), names)
+    if unmatched:
+        raise StageError(stage, f"`{unmatched[0]}` matches no prunable parameter or layer",
+                         "prunable: " + ", ".join(names))
+    return layer_targets(names, sparsity)
+
+
+def prune_weights(stage: str, model, targets: dict[str, float], scope: str, method: str,
+                  generator: torch.Generator, strict: bool = True) -> dict:
+    """Mask the targets' weights; returns the sparsity before and after, overall and per parameter."""
+    names = list(targets)
+    before, layers_before = sparsity_of(model, names)
+    try:
+        masks = select_masks(model, targets, scope, method, generator, strict)
+    except ValueError as err:
+        raise StageError(stage, str(err), "raise the target or prune from a less pruned model") from None
+    apply_masks(model, masks)
+    after, layers_after = sparsity_of(model, names)
+    return {"sparsity_before": before, "sparsity_after": after,
+            "layer_sparsity_before": layers_before, "layer_sparsity_after": layers_after}
+
+
+def check_reached(stage: str, model, targets: dict[str, float], scope: str, tolerance: float) -> None:
+    """The stage's promise: each target (or the one global target) reached to within `tolerance`
+    plus half a weight (targets are rounded to whole weights)."""
+    overall, layers = sparsity_of(model, list(targets))
+    sizes = {n: t.numel() for n, t in named_tensors(model).items() if n in targets}
+    if scope == "global":
+        reached = {"all pruned parameters": (overall, next(iter(targets.values())), sum(sizes.values()))}
+    else:
+        reached = {n: (layers[n], targets[n], sizes[n]) for n in targets}
+    for name, (value, wanted, size) in reached.items():
+        if abs(value - wanted) > tolerance + 0.5 / size:
+            raise StageError(stage, f"{name}: sparsity {value:.4f} instead of the target {wanted:.4f}",
+                             "the schedule must finish inside the stage (check `end` and early stopping)")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import math
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.lightning.units import stage_length
 from runner.measure import named_tensors
 from runner.optim import build_optimizer, build_scheduler
 from runner.pruning import add_masks_from_state_dict
@@ -96,9 +95,7 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.spec.optimizer, self.model.parameters(), self.lr)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        batches = len(self.trainer.datamodule.train_dataloader())
-        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        steps_per_epoch, total_steps = stage_length(self.trainer)
         scheduler = build_scheduler(self.spec.schedule, self.spec.warmup, optimizer, steps_per_epoch,
                                     total_steps, self.spec.val_every_epochs)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Spec(BaseModel):
@@ -23,3 +23,17 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def check_sparsity(value: float | dict[str, float]) -> float | dict[str, float]:
+    """One message for both forms (a union's per-branch errors would confuse)."""
+    for key, target in (value.items() if isinstance(value, dict) else [("", value)]):
+        if not 0 <= target < 1:
+            raise ValueError(f"sparsity{f' of `{key}`' if key else ''} must be in [0, 1) (the fraction removed), "
+                             f"got {target}")
+    if isinstance(value, dict) and not value:
+        raise ValueError("give at least one `pattern: sparsity` entry")
+    return value
+
+
+Sparsity = Annotated[float | dict[str, float], AfterValidator(check_sparsity)]

@@ -157,6 +157,15 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
     return issues
 
 
+def _pruning_specs(recipe: Recipe):
+    """(path, spec, targets field) of every pruning spec in the recipe: stages and gradual schedules."""
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "prune":
+            yield ("stages", i), stage, "sparsity"
+        if getattr(stage, "gradual_pruning", None) is not None:
+            yield ("stages", i, "gradual_pruning"), stage.gradual_pruning, "sparsity"
+
+
 def _check_param_patterns(recipe: Recipe, source: Source) -> list[Issue]:
     """A parameter or layer pattern that matches nothing is a typo, never a silent no-op."""
     from runner import pruning
@@ -169,20 +178,21 @@ def _check_param_patterns(recipe: Recipe, source: Source) -> list[Issue]:
     patterns += [(("stages", i, "bits", pattern), pattern) for i, stage in enumerate(recipe.stages)
                  if getattr(stage, "method", None) == "weight_sharing" and isinstance(stage.bits, dict)
                  for pattern in stage.bits]
-    prune_params = [(("stages", i, "params", k), pattern) for i, stage in enumerate(recipe.stages)
-                    if stage.kind == "prune" for k, pattern in enumerate(stage.params or [])]
-    layer_patterns = [(i, stage) for i, stage in enumerate(recipe.stages)
-                      if stage.kind == "prune" and isinstance(stage.sparsity, dict)]
-    if not (patterns or prune_params or layer_patterns):
+    pruning_specs = list(_pruning_specs(recipe))
+    patterns += [(path + ("params", k), pattern) for path, spec, _ in pruning_specs
+                 for k, pattern in enumerate(spec.params or [])]
+    if not (patterns or pruning_specs):
         return []
     model = build_model(recipe.model)
     names = [name for name, _ in model.named_parameters()]
     issues = [_issue(source, path, f"`{pattern}` matches no parameter of the model", "parameters: " + ", ".join(names))
-              for path, pattern in patterns + prune_params if not fnmatch.filter(names, pattern)]
-    for i, stage in layer_patterns:
-        prunable = pruning.prunable_names(model, stage.params)
-        for pattern in pruning.unmatched_patterns(list(stage.sparsity), prunable):
-            issues.append(_issue(source, ("stages", i, "sparsity", pattern),
-                                 f"`{pattern}` matches no prunable layer of the model",
+              for path, pattern in patterns if not fnmatch.filter(names, pattern)]
+    for path, spec, field in pruning_specs:
+        targets = getattr(spec, field)
+        if not isinstance(targets, dict):
+            continue
+        prunable = pruning.prunable_names(model, spec.params)
+        for pattern in pruning.unmatched_patterns(list(targets), prunable):
+            issues.append(_issue(source, path + (field, pattern), f"`{pattern}` matches no prunable layer of the model",
                                  "prunable: " + ", ".join(prunable)))
     return issues

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
-from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Spec
+from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Sparsity, Spec
 from runner.recipe.training import (
     BatchSizeFinder,
     Constant,
     CrossEntropy,
     EarlyStopping,
+    GradualPruning,
     Loss,
     LRFinder,
     Optimizer,
@@ -39,6 +40,7 @@ class Training(Spec):
     batch_size_finder: BatchSizeFinder | None = None
     val_every_epochs: PositiveInt = 1
     trainer: TrainerOverride | None = None
+    gradual_pruning: GradualPruning | None = None
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
 
@@ -64,20 +66,6 @@ class FinetuneStage(Training):
 
     name: Slug
     kind: Literal["finetune"]
-
-
-def check_sparsity(value: float | dict[str, float]) -> float | dict[str, float]:
-    """One message for both forms (a union's per-branch errors would confuse)."""
-    for key, target in (value.items() if isinstance(value, dict) else [("", value)]):
-        if not 0 <= target < 1:
-            raise ValueError(f"sparsity{f' of `{key}`' if key else ''} must be in [0, 1) (the fraction removed), "
-                             f"got {target}")
-    if isinstance(value, dict) and not value:
-        raise ValueError("give at least one `pattern: sparsity` entry")
-    return value
-
-
-Sparsity = Annotated[float | dict[str, float], AfterValidator(check_sparsity)]
 
 
 class PruneStage(Spec):

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Spec
+from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Sparsity, Spec
 
 # ---- optimizers -------------------------------------------------------------------------------
 
@@ -250,3 +250,46 @@ class TrainerOverride(Spec):
     precision: Precision | None = None
     accumulate_grad_batches: PositiveInt | None = None
     sync_batchnorm: bool | None = None
+
+
+# ---- gradual pruning inside a training stage -------------------------------------------------
+
+
+class Moment(Spec):
+    """A point (or an interval) in a training stage: `{epochs: 1.5}`, `{steps: 200}` or `{fraction: 0.5}`
+    of the stage; resolved to optimizer steps once the data length is known."""
+
+    epochs: NonNegativeFloat | None = None
+    steps: Annotated[int, Field(ge=0)] | None = None
+    fraction: Fraction | None = None
+
+    @model_validator(mode="after")
+    def _one_unit(self):
+        if sum(v is not None for v in (self.epochs, self.steps, self.fraction)) != 1:
+            raise ValueError("give exactly one of `epochs`, `steps` or `fraction`")
+        return self
+
+
+class GradualPruning(Spec):
+    """Zhu & Gupta 2017 automated gradual pruning: from `initial_sparsity` at `start` to `sparsity` at
+    `end`, pruning every `every`, with s_t = s_f + (s_i - s_f)(1 - (t - t0)/(end - t0))^3."""
+
+    sparsity: Sparsity  # the final target: one value, or {module pattern: value} per layer
+    initial_sparsity: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    start: Moment = Moment(fraction=0.0)
+    end: Moment
+    every: Moment
+    method: Literal["magnitude", "random"] = "magnitude"
+    scope: Literal["layer", "global"] = "layer"
+    params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.sparsity, dict) and self.scope == "global":
+            raise ValueError("per-layer `sparsity` targets need `scope: layer`")
+        finals = self.sparsity.values() if isinstance(self.sparsity, dict) else [self.sparsity]
+        if any(final < self.initial_sparsity for final in finals):
+            raise ValueError("`sparsity` (the final target) must be at least `initial_sparsity`")
+        if self.every.fraction == 0 or self.every.steps == 0 or self.every.epochs == 0:
+            raise ValueError("`every` must be a positive interval")
+        return self

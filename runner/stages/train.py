@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.tuner import Tuner
 
 from runner.errors import StageError
+from runner.lightning.gradual import GradualPruning
 from runner.lightning.module import ClassifierModule, NonFiniteLoss
 from runner.lightning.resume import prepare_resume
 from runner.lightning.trainer import fitted_model
@@ -40,6 +41,10 @@ def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | Non
     """Tune (if asked) and fit `module`; the shared body of every stage that trains."""
     data = ctx.data()
     callbacks = list(callbacks or [])
+    stage_name = ctx.recipe.stages[ctx.index].name  # `spec` may be a sub-spec (a retrain round)
+    gradual = GradualPruning(spec.gradual_pruning, stage_name, ctx.seed) if spec.gradual_pruning else None
+    if gradual is not None:
+        callbacks.append(gradual)
     # Lightning's deterministic=True switches torch to deterministic algorithms for the whole process;
     # scope it to this fit, since int8 kernels (quantized conv) refuse to run under that switch.
     determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -84,6 +89,8 @@ def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | Non
                    final_lr=trainer.optimizers[0].param_groups[0]["lr"])
     if checkpoint is not None:
         metrics["resumed"] = True  # fit_seconds and samples_per_second cover the resumed part only
+    if gradual is not None:
+        metrics["gradual_pruning"] = gradual.summary(module.model)
     return metrics
 
 
