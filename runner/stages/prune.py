@@ -15,7 +15,8 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     generator = torch.Generator().manual_seed(ctx.seed)
     if spec.granularity == "neurons":
         from runner.slimming import prune_neurons
-        metrics = prune_neurons(spec, model, generator)
+        example = ctx.data().test[0][:256]  # parity and latency probe
+        metrics = prune_neurons(spec, model, example, generator)
         return StageResult(metrics.pop("model"), metrics)
     targets = pruning.resolve_targets(spec.name, model, spec.sparsity, spec.params)
     metrics = pruning.prune_weights(spec.name, model, targets, spec.scope, spec.method, generator)

@@ -1,0 +1,237 @@
+"""Structured pruning: rank neurons/channels by norm, remove them physically, fix up the layers after them."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from runner import pruning
+from runner.errors import StageError
+from runner.measure import latency_ms, named_tensors, parameter_stats, serialized_bytes
+from runner.rebuild import TRANSFORMS, record
+
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Identity,
+               nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+
+
+class Unsupported(ValueError):
+    """The model is not a chain whose dependencies we can follow; slimming it could give a wrong model."""
+
+
+def chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model as an ordered list of leaf layers; only sequential models are understood."""
+    if not isinstance(model, nn.Sequential):
+        raise Unsupported(f"the model is a `{type(model).__name__}`, not an nn.Sequential chain")
+    leaves = []
+    for name, module in model.named_children():
+        if isinstance(module, nn.Sequential):
+            leaves += [(f"{name}.{sub}", leaf) for sub, leaf in chain(module)]
+            continue
+        if isinstance(module, WEIGHTED) and getattr(module, "groups", 1) != 1:
+            raise Unsupported(f"`{name}` is a grouped convolution")
+        if not isinstance(module, WEIGHTED + NORMS + ELEMENTWISE + POOLS + (nn.Flatten,)):
+            raise Unsupported(f"`{name}` is a `{type(module).__name__}`, whose channel dependencies are not followed")
+        if isinstance(module, POOLS) and module.padding not in (0, (0,), (0, 0)):
+            raise Unsupported(f"`{name}` pools with padding")
+        leaves.append((name, module))
+    return leaves
+
+
+def _stored(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The tensor an optimizer updates: the parametrization's `original`, or the plain parameter."""
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
+def _mask(module: nn.Module, attr: str) -> torch.Tensor | None:
+    if not parametrize.is_parametrized(module, attr):
+        return None
+    return next(p.mask for p in module.parametrizations[attr] if isinstance(p, pruning.Mask))
+
+
+def _resized(module: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor | None) -> nn.Module:
+    """A copy of a Linear/Conv/BatchNorm with only the kept outputs and inputs; masks are sliced along."""
+    def cut(tensor: torch.Tensor, is_weight: bool) -> torch.Tensor:
+        if keep_out is not None:
+            tensor = tensor[keep_out]
+        if keep_in is not None and is_weight:
+            tensor = tensor[:, keep_in]
+        return tensor.detach().clone()
+
+    weight = cut(_stored(module, "weight"), isinstance(module, WEIGHTED))
+    # A parametrized module's class is a generated subclass of the layer's own class.
+    layer_class = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    if isinstance(module, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    elif isinstance(module, WEIGHTED):
+        new = layer_class(weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride,
+                           padding=module.padding, dilation=module.dilation, bias=module.bias is not None,
+                           padding_mode=module.padding_mode)
+    else:
+        new = layer_class(weight.shape[0], eps=module.eps, momentum=module.momentum, affine=module.affine,
+                           track_running_stats=module.track_running_stats)
+        for buffer in ("running_mean", "running_var"):
+            setattr(new, buffer, cut(getattr(module, buffer), False))
+        new.num_batches_tracked = module.num_batches_tracked.clone()
+    for attr in ("weight", "bias"):
+        stored = _stored(module, attr)
+        if stored is None:
+            continue
+        with torch.no_grad():
+            getattr(new, attr).copy_(cut(stored, attr == "weight" and isinstance(module, WEIGHTED)))
+        mask = _mask(module, attr)
+        if mask is not None:
+            mask = cut(mask, attr == "weight" and isinstance(module, WEIGHTED))
+            parametrize.register_parametrization(new, attr, pruning.Mask(mask.shape))
+            new.parametrizations[attr][0].mask.copy_(mask)
+    return new.train(module.training)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _consumer(layers: list[tuple[str, nn.Module]], index: int) -> tuple[list[tuple[str, nn.Module]], int]:
+    """The layers between layers[index] and the next weighted layer, and that layer's index."""
+    for j in range(index + 1, len(layers)):
+        if isinstance(layers[j][1], WEIGHTED):
+            return layers[index + 1:j], j
+    raise Unsupported(f"`{layers[index][0]}` feeds the model's output; its neurons are the outputs")
+
+
+@torch.no_grad()
+def _removed_value(between: list[tuple[str, nn.Module]], channels: int, conv: bool) -> torch.Tensor:
+    """What a removed neuron still sends on: its pre-activation is 0, after BatchNorm and the activation
+    it is a constant per channel (sigmoid(0) = 0.5, BN's shift). Pools and dropout (eval) keep constants."""
+    value = torch.zeros(1, channels, *((1, 1) if conv else ()))
+    for _, module in between:
+        if isinstance(module, NORMS + ELEMENTWISE):
+            value = module.eval()(value) if isinstance(module, NORMS) else module(value)
+    return value.flatten()
+
+
+def slim(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """Remove every output neuron/channel of the named layers not in `keep` (sorted indices), fixing the
+    following BatchNorm and the next layer's inputs. The removed neurons' constant output is folded into
+    the next layer's bias, so the slimmed model computes what the model with those rows zeroed computes."""
+    training = model.training
+    model.eval()  # the folded constants use BatchNorm's running statistics
+    layers = chain(model)
+    index_of = {name: i for i, (name, _) in enumerate(layers)}
+    for name, kept in keep.items():
+        i = index_of[name]
+        layer = model.get_submodule(name)
+        removed = torch.ones(layer.out_channels if isinstance(layer, WEIGHTED[1:]) else layer.out_features,
+                             dtype=torch.bool)
+        removed[kept] = False
+        between, j = _consumer(layers, i)
+        next_name, following = layers[j][0], model.get_submodule(layers[j][0])
+        constant = _removed_value(between, len(removed), not isinstance(layer, nn.Linear))
+        # Flatten between a conv and a Linear: channel c owns a block of in_features // channels inputs.
+        spread = following.in_features // len(removed) if isinstance(following, nn.Linear) else 1
+        columns = removed.repeat_interleave(spread)
+        carried = constant.repeat_interleave(spread)[columns]
+        if bool(carried.any()):
+            weight = following.weight.detach()  # as the forward pass sees it (masks applied)
+            if following.bias is None or (isinstance(following, WEIGHTED[1:]) and following.padding not in (0, (0,), (0, 0))):
+                raise Unsupported(f"removed neurons of `{name}` output a nonzero constant that `{next_name}` "
+                                  "cannot absorb (it has no bias, or pads its input)")
+            spatial = tuple(range(2, weight.dim()))
+            summed = weight[:, columns].sum(dim=spatial) if spatial else weight[:, columns]
+            with torch.no_grad():
+                _stored(following, "bias").add_(summed @ carried)
+        _replace(model, name, _resized(layer, kept, None))
+        for norm_name, norm in between:
+            if isinstance(norm, NORMS):
+                _replace(model, norm_name, _resized(norm, kept, None))
+        _replace(model, next_name, _resized(following, None, (~columns).nonzero().flatten()))
+        layers = chain(model)
+    return model.train(training)
+
+
+@TRANSFORMS.register("slim")
+def _replay_slim(model: nn.Module, widths: dict[str, int]) -> nn.Module:
+    """Shapes only: the state dict loaded afterwards brings the values."""
+    return slim(model, {name: torch.arange(width) for name, width in widths.items()})
+
+
+def _neuron_scores(weight: torch.Tensor, method: str, norm: str, generator: torch.Generator) -> torch.Tensor:
+    if method == "random":
+        return torch.rand(weight.shape[0], generator=generator)
+    rows = weight.detach().flatten(1)
+    return rows.abs().sum(dim=1) if norm == "l1" else rows.pow(2).sum(dim=1).sqrt()
+
+
+def _targets(spec, layers: list[tuple[str, nn.Module]]) -> dict[str, float]:
+    weighted = [name for name, module in layers if isinstance(module, WEIGHTED)]
+    prunable, output = weighted[:-1], weighted[-1]
+    if isinstance(spec.sparsity, dict):
+        for pattern in spec.sparsity:
+            if pruning.unmatched_patterns([pattern], [f"{n}.weight" for n in prunable]):
+                hint = f"`{output}` produces the model's outputs" if pruning.unmatched_patterns(
+                    [pattern], [f"{output}.weight"]) == [] else "layers: " + ", ".join(prunable)
+                raise StageError(spec.name, f"`{pattern}` matches no layer whose neurons can be removed", hint)
+    targets = pruning.layer_targets([f"{n}.weight" for n in prunable], spec.sparsity)
+    return {name.rpartition(".")[0]: value for name, value in targets.items()}
+
+
+def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> dict:
+    """Rank, check, slim, prove parity with the masked model, and measure what slimming bought."""
+    try:
+        layers = chain(model)
+    except Unsupported as err:
+        raise StageError(spec.name, f"structured pruning cannot follow this model: {err}",
+                         "neurons are removed only in sequential chains of Linear/Conv, BatchNorm, activations, "
+                         "pooling and flatten (residual connections are not supported); use `granularity: weights`")
+    targets = _targets(spec, layers)
+    weights = named_tensors(model)
+    keep, widths_before = {}, {}
+    for name, target in targets.items():
+        scores = _neuron_scores(weights[f"{name}.weight"], spec.method, spec.norm or "l1", generator)
+        count = round(target * len(scores))
+        if count >= len(scores):
+            raise StageError(spec.name, f"sparsity {target} would remove every neuron of `{name}` "
+                                        f"({count} of {len(scores)})", "lower its target")
+        keep[name] = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:len(scores) - count]).values
+        widths_before[name] = len(scores)
+
+    masked = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, kept in keep.items():
+            layer = masked.get_submodule(name)
+            dropped = torch.ones(widths_before[name], dtype=torch.bool)
+            dropped[kept] = False
+            for attr in ("weight", "bias"):
+                if _stored(layer, attr) is not None:
+                    _stored(layer, attr)[dropped] = 0
+    before = {"params_total_before": parameter_stats(model)["params_total"], "model_bytes_before": serialized_bytes(model)}
+    dense_latency = {b: latency_ms(masked, example[:b], 20, 3) for b in (1, len(example))}
+
+    try:
+        slimmed = slim(model, keep)
+    except Unsupported as err:
+        raise StageError(spec.name, f"structured pruning cannot slim this model: {err}") from None
+    record(slimmed, "slim", widths={name: len(kept) for name, kept in keep.items()})
+    slimmed.eval()
+    with torch.no_grad():
+        difference = float((slimmed(example) - masked(example)).abs().max())
+    if difference > spec.parity_tolerance:
+        raise StageError(spec.name, f"the slimmed model's outputs differ from the masked model's by {difference:.3g} "
+                                    f"(tolerance {spec.parity_tolerance})", "this is a bug in nnopt; please report it")
+    slim_latency = {b: latency_ms(slimmed, example[:b], 20, 3) for b in (1, len(example))}
+    metrics = {"widths_before": widths_before, "widths_after": {name: len(kept) for name, kept in keep.items()},
+               "parity_max_abs_diff": difference, **before, "model_bytes": serialized_bytes(slimmed)}
+    metrics.update(parameter_stats(slimmed))
+    for b in dense_latency:
+        metrics[f"latency_ms_b{b}_before"] = dense_latency[b]
+        metrics[f"latency_ms_b{b}"] = slim_latency[b]
+        metrics[f"latency_ratio_b{b}"] = round(slim_latency[b] / dense_latency[b], 3)  # slimmed / dense
+    return {"model": slimmed, **metrics}
