@@ -6,6 +6,7 @@ import torch
 
 from runner import pruning
 from runner.measure import parameter_stats
+from runner.slimming import prune_neurons  # also registers the `slim` transform that artifacts replay
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
@@ -14,7 +15,6 @@ from runner.stages.base import StageContext, StageResult
 def run(spec, model, ctx: StageContext) -> StageResult:
     generator = torch.Generator().manual_seed(ctx.seed)
     if spec.granularity == "neurons":
-        from runner.slimming import prune_neurons
         example = ctx.data().test[0][:256]  # parity and latency probe
         metrics = prune_neurons(spec, model, example, generator)
         return StageResult(metrics.pop("model"), metrics)
