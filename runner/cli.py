@@ -15,7 +15,7 @@ from rich.markup import escape
 from runner import __version__
 from runner.errors import RecipeError, RunError, StageError
 
-EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_EXPECT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
@@ -32,10 +32,16 @@ def _print_recipe_error(error: RecipeError) -> None:
             err_console.print(f"    [yellow]hint[/]: {escape(issue.hint)}")
 
 
+def _overrides(args) -> list[str]:
+    """`-o` texts, plus `--seeds 0,1,2` as the override `seeds=[0,1,2]` (validated like the file)."""
+    seeds = getattr(args, "seeds", None)
+    return args.override + ([f"seeds=[{seeds}]"] if seeds else [])
+
+
 def _load(args):
     from runner.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.override)
+    return load_recipe(args.recipe, _overrides(args))
 
 
 def cmd_validate(args) -> int:
@@ -47,9 +53,23 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     recipe = _load(args)
-    from runner.pipeline import run_recipe
+    from runner.experiment import run_experiment
 
-    run_recipe(recipe, Path(args.output_dir), out_console, force=args.force, start=args.start, only=args.only)
+    result = run_experiment(recipe, Path(args.output_dir) / recipe.name, out_console,
+                            force=args.force, start=args.start, only=args.only)
+    if args.check and not result.passed:
+        failed = ", ".join(v.metric for v in result.verdicts if not v.passed)
+        err_console.print(f"[bold red]check failed[/]: {escape(failed)} missed the expected figures")
+        return EXIT_EXPECT_FAILED
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from runner.sweep import plan_points, run_sweep
+
+    output_root = Path(args.output_dir)
+    points = plan_points(args.recipe, _overrides(args), args.set, lambda recipe: output_root / recipe.name / "sweep")
+    run_sweep(points, output_root / points[0].recipe.name / "sweep", out_console)
     return EXIT_OK
 
 
@@ -94,8 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="set a field, e.g. -o stages.train.epochs=3 (repeatable; validated like the file)")
         return sub
 
+    def seeds_option(sub):
+        sub.add_argument("--seeds", metavar="K,K,...", help="run once per seed (e.g. 0,1,2) and report mean ± std; "
+                         "replaces the recipe's seed/seeds")
+        sub.add_argument("-O", "--output-dir", default="outputs", help="where run folders go (default: outputs)")
+
     run = with_recipe("run", "validate and run a recipe")
-    run.add_argument("-O", "--output-dir", default="outputs", help="where run folders go (default: outputs)")
+    seeds_option(run)
+    run.add_argument("--check", action="store_true",
+                     help=f"exit with code {EXIT_EXPECT_FAILED} when any figure of the recipe's `expect` block FAILs")
     rerun = run.add_mutually_exclusive_group()
     rerun.add_argument("--force", action="store_true", help="rerun every stage, even those with a finished artifact")
     rerun.add_argument("--from", dest="start", metavar="STAGE",
@@ -103,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--only", metavar="STAGE",
                        help="run only STAGE, from the finished artifact of the stage before it")
     run.set_defaults(handler=cmd_run)
+    sweep = with_recipe("sweep", "run a recipe over a grid of values and draw the trade-off curve")
+    sweep.add_argument("-s", "--set", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="an axis of the grid, e.g. -s stages.prune.sparsity=0.5,0.9 (repeatable: the grid is "
+                            "the product; each value is validated like -o)")
+    seeds_option(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
     with_recipe("validate", "check a recipe without running anything").set_defaults(handler=cmd_validate)
     commands.add_parser("schema", help="print the recipe JSON Schema").set_defaults(handler=cmd_schema)
     commands.add_parser("list", help="list stage kinds, models, data sets, optimizers, schedules").set_defaults(handler=cmd_list)

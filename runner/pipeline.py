@@ -22,6 +22,7 @@ from runner.lock import run_lock
 from runner.plan import make_plan
 from runner.report import summary_table, write_reports
 from runner.stages import STAGES, StageContext, StageResult
+from runner.verdicts import verdict_table
 
 
 def _now() -> str:
@@ -44,14 +45,16 @@ def print_plan(plan, console: Console) -> None:
 
 
 def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = False, start: str | None = None,
-               only: str | None = None) -> list[dict]:
+               only: str | None = None, run_dir: Path | None = None) -> list[dict]:
     """Returns one outcome per stage (name, kind, status, seconds, metrics, folder).
+
+    The run folder is `output_root/<recipe name>` unless `run_dir` says otherwise (seeds, sweep points).
 
     Under a multi-process strategy every rank runs this: training stages on every rank, any
     other stage on global rank 0 (its model is then sent to the others); only rank 0 takes the
     run folder's lock, plans (the others follow its plan, whatever their view of the disk) and writes.
     """
-    run_dir = Path(output_root) / recipe.name
+    run_dir = Path(run_dir) if run_dir is not None else Path(output_root) / recipe.name  # seeds, sweep points
     ranks = launch(recipe.trainer)
     if not ranks.is_zero:
         console = Console(quiet=True)
@@ -120,9 +123,10 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
             artifacts.mark_done(step.folder, step.fingerprint)  # last: the stage is complete only now
         outcomes.append({**outcome, "seconds": round(seconds, 3), "metrics": result.metrics})
 
-    if ranks.is_zero:
-        write_reports(run_dir, recipe, outcomes, started, _now())
+    verdicts = write_reports(run_dir, recipe, outcomes, started, _now()) if ranks.is_zero else []
     console.print(summary_table(recipe.name, outcomes))
+    if recipe.expect is not None:
+        console.print(verdict_table(recipe.expect.source, verdicts))
     console.print(f"artifacts: {run_dir}  (report: {run_dir / 'report.md'})")
     return outcomes
 

@@ -1,4 +1,4 @@
-"""The run's summary: run.json for machines, report.md for people, a rich table for the terminal."""
+"""The run's summary: run.json and report.json for machines, report.md and plots for people, rich tables for the terminal."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytorch_lightning
 import torch
 from rich.table import Table
 
-from runner import __version__
+from runner import __version__, plots
 from runner.artifacts import write_json, write_text
+from runner.verdicts import Verdict, flat_metrics, judge, run_metrics, verdict_lines
 
 # The metrics worth a column in the one-row-per-stage summary, in this order.
 HEADLINE = ["val_acc", "test_acc", "test_error", "sparsity", "params_nonzero", "model_bytes",
@@ -44,7 +45,37 @@ def summary_table(recipe_name: str, outcomes: list[dict]) -> Table:
     return table
 
 
-def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, finished: str) -> None:
+def _final(outcomes: list[dict], key: str) -> dict:
+    """A per-layer mapping (layer_sparsity, layer_bits) as the last stage reporting it left it."""
+    for outcome in reversed(outcomes):
+        if isinstance(outcome["metrics"].get(key), dict):
+            return outcome["metrics"][key]
+    return {}
+
+
+def _plots(run_dir: Path, outcomes: list[dict], layers: dict[str, dict]) -> tuple[list[str], str | None]:
+    """Training curves per training stage and per-layer bars; (relative paths, notice if skipped)."""
+    notice = plots.missing_notice()
+    if notice is not None:
+        return [], notice
+    drawn = []
+    for o in outcomes:
+        log = Path(o["folder"]) / "logs" / "metrics.csv"
+        if log.is_file():
+            drawn.append(plots.training_curves(log, run_dir / "plots" / f"{Path(o['folder']).name}-curves.png",
+                                               f"{o['name']} ({o['kind']})"))
+    for key, label in (("layer_sparsity", "sparsity"), ("layer_bits", "bits")):
+        if layers[key]:
+            drawn.append(plots.layer_bars(layers[key], run_dir / "plots" / f"{key}.png", f"{label} per layer", label))
+    return [str(path.relative_to(run_dir)) for path in drawn if path is not None], None
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, finished: str) -> list[Verdict]:
+    """run.json (provenance), report.json and report.md (results, expect verdicts, plots); returns the verdicts."""
     write_json(run_dir / "run.json", {
         "recipe": recipe.model_dump(mode="json", by_alias=True),
         "seed": recipe.seed,
@@ -54,14 +85,94 @@ def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, fin
         "finished": finished,
         "stages": outcomes,
     })
+    derived = run_metrics(outcomes)
+    verdicts = judge(recipe.expect, flat_metrics(outcomes))
+    layers = {key: _final(outcomes, key) for key in ("layer_sparsity", "layer_bits")}
+    drawn, notice = _plots(run_dir, outcomes, layers)
+    write_json(run_dir / "report.json", {
+        "name": recipe.name, "seed": recipe.seed, "started": started, "finished": finished,
+        "stages": [{"name": o["name"], "kind": o["kind"], "status": o["status"], "seconds": o["seconds"],
+                    "metrics": _scalars(o["metrics"]),
+                    **{key: o["metrics"][key] for key in ("layer_sparsity", "layer_bits") if key in o["metrics"]}}
+                   for o in outcomes],
+        "run_metrics": derived,
+        "layers": layers,
+        "expect": None if recipe.expect is None else {
+            "source": recipe.expect.source, "passed": all(v.passed for v in verdicts),
+            "verdicts": [v.to_json() for v in verdicts]},
+        "plots": drawn,
+        "plots_notice": notice,
+    })
     columns = _columns(outcomes)
     lines = [f"# {recipe.name}", "", recipe.description, "",
              f"Run {started} -> {finished}; nnopt {__version__}, torch {torch.__version__}, "
              f"Lightning {pytorch_lightning.__version__}, seed {recipe.seed}.", "",
+             "## Stages", "",
              "| " + " | ".join(["stage", "kind", "status", "seconds"] + columns) + " |",
              "|" + "---|" * (4 + len(columns))]
     for o in outcomes:
         cells = [o["name"], o["kind"], o["status"], f"{o['seconds']:.1f}"] + [_cell(o["metrics"].get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Every metric of every stage is in the stage folder's `metrics.json` and in `run.json`.", ""]
+    lines += ["", "## Run", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_cell(value)} |" for key, value in derived.items()]
+    final = next((o["metrics"] for o in reversed(outcomes) if "params_total" in o["metrics"]), {})
+    lines += [f"| {key} | {_cell(final[key])} |" for key in ("params_total", "params_nonzero", "model_bytes", "packed_bytes")
+              if key in final]
+    lines.append("")
+    if recipe.expect is not None:
+        lines += verdict_lines(recipe.expect.source, verdicts)
+    if layers["layer_sparsity"] or layers["layer_bits"]:
+        names = list(dict.fromkeys([*layers["layer_sparsity"], *layers["layer_bits"]]))
+        lines += ["## Layers (final model)", "", "| layer | sparsity | kept | bits |", "|---|---|---|---|"]
+        for name in names:
+            sparsity = layers["layer_sparsity"].get(name)
+            kept = None if sparsity is None else round(1 - sparsity, 6)
+            lines.append(f"| {name} | {_cell(sparsity)} | {_cell(kept)} | {_cell(layers['layer_bits'].get(name))} |")
+        lines.append("")
+    lines += ["## Plots", ""] + ([f"![{path}]({path})" for path in drawn] if notice is None else [notice])
+    lines += ["", "Every metric of every stage is in `report.json`, in the stage folder's `metrics.json` and in "
+              "`run.json`.", ""]
     write_text(run_dir / "report.md", "\n".join(lines))
+    return verdicts
+
+
+def _headline_keys(means: dict[str, float]) -> list[str]:
+    """Run-level metrics first, then each stage's headline metrics: what the terminal shows of many seeds."""
+    return [k for k in means if "." not in k] + [k for k in means if k.partition(".")[2] in HEADLINE]
+
+
+def seeds_table(recipe_name: str, seeds: list[int], means: dict[str, float], spread: dict[str, float]) -> Table:
+    table = Table(title=f"nnopt run: {recipe_name}, seeds {', '.join(map(str, seeds))} (mean ± std)")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("std", justify="right")
+    for key in _headline_keys(means):
+        table.add_row(key, _cell(means[key]), _cell(spread[key]))
+    return table
+
+
+def write_seed_report(run_dir: Path, recipe, run_dirs: list[Path], per_seed: list[dict], means: dict[str, float],
+                      spread: dict[str, float], verdicts: list[Verdict]) -> None:
+    """report.json and report.md over the seeds: every numeric metric's mean, std and per-seed values."""
+    seeds = list(recipe.seeds)
+    write_json(run_dir / "report.json", {
+        "name": recipe.name, "seeds": seeds, "runs": [str(path.relative_to(run_dir)) for path in run_dirs],
+        "std": "sample standard deviation (n - 1); 0 for one seed",
+        "metrics": {key: {"mean": means[key], "std": spread[key], "values": [run[key] for run in per_seed]}
+                    for key in means},
+        "expect": None if recipe.expect is None else {
+            "source": recipe.expect.source, "checked_on": "mean over seeds",
+            "passed": all(v.passed for v in verdicts), "verdicts": [v.to_json() for v in verdicts]},
+    })
+    lines = [f"# {recipe.name}: {len(seeds)} seeds", "", recipe.description, "",
+             f"Seeds {', '.join(map(str, seeds))}; each run's own report is in "
+             + ", ".join(f"[{path.name}]({path.name}/report.md)" for path in run_dirs)
+             + ". Std is the sample standard deviation (n - 1).", ""]
+    if recipe.expect is not None:
+        lines += verdict_lines(recipe.expect.source + ", checked on the mean", verdicts)
+    lines += ["## Metrics", "", "| metric | mean | std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|---|---|" + "---|" * len(seeds)]
+    for key in means:
+        lines.append(f"| {key} | {_cell(means[key])} | {_cell(spread[key])} | "
+                     + " | ".join(_cell(run[key]) for run in per_seed) + " |")
+    write_text(run_dir / "report.md", "\n".join(lines + [""]))

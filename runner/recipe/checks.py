@@ -12,6 +12,7 @@ from typing import Any, Callable
 from pydantic import ConfigDict, ValidationError, create_model
 
 from runner.errors import Issue
+from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
 from runner.recipe.locate import dotted
 from runner.recipe.schema import Recipe
 from runner.recipe.source import Source
@@ -107,6 +108,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
 
     issues += _check_optional_packages(recipe, source)
     issues += _check_trainer(recipe, source)
+    issues += check_seeds(recipe, source) + check_expect(recipe, source)
     if not issues:
         issues += _check_param_patterns(recipe, source)
     return issues
@@ -154,6 +156,39 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
                     issues.append(_issue(source, ("stages", i, tuner), f"Lightning's `{tuner}` runs in one process, "
                                          f"but this recipe trains in {processes}",
                                          "find the value in a one-process run, then set it in the recipe"))
+def check_seeds(recipe: Recipe, source: Source) -> list[Issue]:
+    # `--seeds` (an override) replaces the file's seed on purpose; in the file, both is ambiguous.
+    if recipe.seeds is not None and "seed" in recipe.model_fields_set and ("seeds",) not in source.overridden:
+        return [_issue(source, ("seeds",), "give `seed` or `seeds`, not both",
+                       "`seeds: [0, 1, 2]` runs the recipe once per seed; `seed: 0` runs it once")]
+    return []
+
+
+def check_expect(recipe: Recipe, source: Source) -> list[Issue]:
+    """Every expected metric must be one the run can produce: a run-level metric or `stage.metric`."""
+    if recipe.expect is None:
+        return []
+    stages = {stage.name: stage for stage in recipe.stages}
+    issues = []
+    for metric in recipe.expect.metrics:
+        path = ("expect", "metrics", metric)
+        stage_name, dot, stage_metric = metric.partition(".")
+        if not dot:
+            if metric not in RUN_METRICS:
+                guess = did_you_mean(metric, list(RUN_METRICS))
+                issues.append(_issue(source, path, f"unknown run metric `{metric}`",
+                                     (guess + " " if guess else "") + "run metrics: " + ", ".join(RUN_METRICS)
+                                     + "; or name a stage's metric as `stage.metric`"))
+        elif stage_name not in stages:
+            guess = did_you_mean(stage_name, list(stages))
+            issues.append(_issue(source, path, f"`{metric}`: the recipe has no stage `{stage_name}`",
+                                 (guess + " " if guess else "") + "stages: " + ", ".join(stages)))
+        else:
+            patterns = stage_metric_patterns(stages[stage_name])
+            if patterns is not None and not reports(patterns, stage_metric):
+                guess = did_you_mean(stage_metric, [p for p in patterns if "*" not in p])
+                issues.append(_issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report "
+                                     f"`{stage_metric}`", (guess + " " if guess else "") + "it reports: " + ", ".join(patterns)))
     return issues
 
 

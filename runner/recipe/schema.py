@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from runner.recipe.base import PositiveInt, Slug, Spec
+from runner.recipe.expect import Expect
 from runner.recipe.stages import Stage
 from runner.recipe.training import Precision
 
@@ -100,11 +101,23 @@ class TrainerSpec(Spec):
                                        "deepspeed": None, "sync_batchnorm": False})
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class Recipe(Spec):
     name: Slug
     description: str = ""
-    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    seed: Seed = 0
+    seeds: Annotated[list[Seed], Field(min_length=1)] | None = None  # one run per seed, reported as mean ± std
+    expect: Expect | None = None
     model: ModelSpec
     data: DataSpec
     trainer: TrainerSpec = TrainerSpec()
     stages: Annotated[list[Stage], Field(min_length=1)]
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds):
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct: a repeated seed repeats the same run")
+        return seeds

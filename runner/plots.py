@@ -1,0 +1,99 @@
+"""PNG plots for reports: training curves, per-layer sparsity, sweep trade-offs (matplotlib, optional)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+MISSING = "plots skipped: matplotlib is not installed (pip install 'nnopt[plots]')"
+
+
+def missing_notice() -> str | None:
+    """None when plots can be drawn, else the notice to show instead."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return MISSING
+    return None
+
+
+def _figure(width: float, height: float):
+    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def read_csv_log(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """Lightning's CSV log as {column: [(step, value), ...]}; each row fills only some columns."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            step = float(row.get("step") or 0)
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def training_curves(log: Path, path: Path, title: str) -> Path | None:
+    """Loss (train per step, validation per epoch), validation accuracy, learning rate per step."""
+    series = read_csv_log(log)
+    panels = [("loss", [k for k in ("train_loss", "val_loss") if k in series]),
+              ("accuracy", [k for k in ("train_acc", "val_acc") if k in series]),
+              ("learning rate", sorted(k for k in series if k.startswith("lr-") and not k.endswith("-momentum")))]
+    panels = [(label, keys) for label, keys in panels if keys]
+    if not panels:
+        return None
+    figure = _figure(4.2 * len(panels), 3.2)
+    for axes, (label, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for key in keys:
+            steps, values = zip(*series[key])
+            axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        axes.set_xlabel("step")
+        axes.set_ylabel(label)
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def layer_bars(values: dict[str, float], path: Path, title: str, ylabel: str) -> Path:
+    """One bar per layer (sparsity, bits, ...)."""
+    figure = _figure(max(4.0, 0.9 * len(values) + 2), 3.2)
+    axes = figure.subplots()
+    names = list(values)
+    axes.bar(range(len(names)), [values[n] for n in names], color="tab:blue")
+    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+def tradeoff(points: list[dict], x_keys: list[str], y_key: str, path: Path, title: str) -> Path | None:
+    """Accuracy against each of `x_keys` that the points report (weights kept, bytes); one panel each."""
+    x_keys = [k for k in x_keys if all(p.get(k) is not None for p in points)]
+    if not x_keys or not all(p.get(y_key) is not None for p in points):
+        return None
+    figure = _figure(4.5 * len(x_keys), 3.4)
+    for axes, x_key in zip(figure.subplots(1, len(x_keys), squeeze=False)[0], x_keys):
+        ordered = sorted(points, key=lambda p: p[x_key])
+        axes.errorbar([p[x_key] for p in ordered], [p[y_key] for p in ordered],
+                      yerr=[p.get(f"{y_key}_std") or 0 for p in ordered], marker="o", capsize=3)
+        for p in ordered:
+            axes.annotate(p["label"], (p[x_key], p[y_key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if x_key.endswith("bytes"):
+            axes.set_xscale("log")
+        axes.set_xlabel(x_key)
+        axes.set_ylabel(y_key)
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)

@@ -1,0 +1,92 @@
+"""The `expect:` block: a paper's figures as rules on run metrics, and the metric names they may use."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from runner.recipe.base import NonNegativeFloat, Spec
+
+
+class Within(Spec):
+    value: float
+    tolerance: NonNegativeFloat
+
+
+class Rule(Spec):
+    """Exactly one of `at_most`, `at_least`, `within`; `paper` is the paper's own figure, shown beside the run's."""
+
+    at_most: float | None = None
+    at_least: float | None = None
+    within: Within | None = None
+    paper: float | None = None  # default: the rule's bound (or `within.value`)
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        given = [name for name in ("at_most", "at_least", "within") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `at_most`, `at_least` or `within: {value, tolerance}`"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    def passes(self, value: float) -> bool:
+        if self.at_most is not None:
+            return value <= self.at_most
+        if self.at_least is not None:
+            return value >= self.at_least
+        return abs(value - self.within.value) <= self.within.tolerance
+
+    def describe(self) -> str:
+        if self.at_most is not None:
+            return f"<= {self.at_most:g}"
+        if self.at_least is not None:
+            return f">= {self.at_least:g}"
+        return f"{self.within.value:g} ± {self.within.tolerance:g}"
+
+    def paper_figure(self) -> float:
+        if self.paper is not None:
+            return self.paper
+        return next(v for v in (self.at_most, self.at_least) if v is not None) if self.within is None else self.within.value
+
+
+class Expect(Spec):
+    """What the run must reach, and where the figures come from."""
+
+    source: Annotated[str, Field(min_length=1)]  # paper and table, e.g. "Han et al. 2015, Table 1"
+    metrics: Annotated[dict[str, Rule], Field(min_length=1)]
+
+
+# Run-level metrics, derived from the stages' metrics at run end (runner/verdicts.py computes them).
+RUN_METRICS = {
+    "test_error": "test error of the last stage that measured it",
+    "test_acc": "test accuracy of the last stage that measured it",
+    "weights_kept": "fraction of parameters that are nonzero (params_nonzero / params_total), last measured",
+    "compression_ratio": "dense fp32 bytes / packed bytes of the model, last measured",
+    "latency_ratio": "latency of the final model / latency at the first measurement (smallest common batch size)",
+    "wall_seconds": "seconds spent running stages in this invocation",
+}
+
+# The metrics each stage kind reports (fnmatch patterns), for checking `stage.metric` names before
+# running; a kind not listed here is checked at run end only. tests/test_expect.py checks these
+# against what the stages really report.
+STAGE_METRICS = {
+    "train": ["train_loss", "val_loss", "val_acc", "epochs", "steps", "fit_seconds", "samples_per_second",
+              "final_lr", "lr_found", "batch_size_found"],
+    "evaluate": ["{split}_loss", "{split}_acc", "{split}_error", "{split}_examples", "params_total",
+                 "params_nonzero", "sparsity", "compression_rate", "model_bytes", "latency_threads",
+                 "latency_ms_b*"],
+}
+
+
+def stage_metric_patterns(stage) -> list[str] | None:
+    """The metric names `stage` reports, or None when its kind does not declare them."""
+    patterns = STAGE_METRICS.get(stage.kind)
+    if patterns is None:
+        return None
+    return [p.format(split=getattr(stage, "split", "")) for p in patterns]
+
+
+def reports(patterns: list[str], metric: str) -> bool:
+    return any(fnmatch.fnmatchcase(metric, pattern) for pattern in patterns)
