@@ -155,7 +155,8 @@ def test_sweep_runs_the_grid_and_draws_the_tradeoff(nnopt, write_recipe, tmp_pat
     assert [p["overrides"] for p in summary["points"]] == [["model.args.hidden=[4]"], ["model.args.hidden=[32]"]]
     for point in summary["points"]:
         evaluated = read_metrics(sweep_dir / point["folder"], "02-evaluate")
-        assert point["test_acc"] == evaluated["test_acc"] and point["bytes"] == evaluated["model_bytes"]
+        assert point["test_acc"] == evaluated["test_acc"] and point["bytes"] == evaluated["packed_bytes"]
+        assert point["compression_ratio"] == pytest.approx(evaluated["dense_fp32_bytes"] / evaluated["packed_bytes"])
     small, large = summary["points"]
     assert small["bytes"] < large["bytes"]
     assert (sweep_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG" and summary["plot"] == "tradeoff.png"

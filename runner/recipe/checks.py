@@ -156,6 +156,9 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
                     issues.append(_issue(source, ("stages", i, tuner), f"Lightning's `{tuner}` runs in one process, "
                                          f"but this recipe trains in {processes}",
                                          "find the value in a one-process run, then set it in the recipe"))
+    return issues
+
+
 def check_seeds(recipe: Recipe, source: Source) -> list[Issue]:
     # `--seeds` (an override) replaces the file's seed on purpose; in the file, both is ambiguous.
     if recipe.seeds is not None and "seed" in recipe.model_fields_set and ("seeds",) not in source.overridden:

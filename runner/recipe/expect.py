@@ -63,7 +63,8 @@ RUN_METRICS = {
     "test_error": "test error of the last stage that measured it",
     "test_acc": "test accuracy of the last stage that measured it",
     "weights_kept": "fraction of parameters that are nonzero (params_nonzero / params_total), last measured",
-    "compression_ratio": "dense fp32 bytes / packed bytes of the model, last measured",
+    "compression_ratio": "dense fp32 bytes / packed bytes of the model (evaluate's dense_fp32_bytes / packed_bytes), "
+                         "last measured",
     "latency_ratio": "latency of the final model / latency at the first measurement (smallest common batch size)",
     "wall_seconds": "seconds spent running stages in this invocation",
 }
@@ -75,8 +76,8 @@ STAGE_METRICS = {
     "train": ["train_loss", "val_loss", "val_acc", "epochs", "steps", "fit_seconds", "samples_per_second",
               "final_lr", "lr_found", "batch_size_found"],
     "evaluate": ["{split}_loss", "{split}_acc", "{split}_error", "{split}_examples", "params_total",
-                 "params_nonzero", "sparsity", "compression_rate", "model_bytes", "latency_threads",
-                 "latency_ms_b*"],
+                 "params_nonzero", "sparsity", "compression_rate", "model_bytes", "packed_bytes", "dense_fp32_bytes",
+                 "size_ratio", "latency_threads", "latency_ms_b*", "latency_fp32_ms_b*", "latency_ratio_b*"],
 }
 
 
