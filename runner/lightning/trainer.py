@@ -68,6 +68,7 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, *
         enable_checkpointing=settings.checkpoint is not None,
         enable_progress_bar=show_progress,
         enable_model_summary=False,
+        num_sanity_val_steps=0,  # validation_step is ours and tested: the pre-fit dry run only costs time
         default_root_dir=stage_dir,
         **fit_options,
     )

@@ -1,0 +1,1 @@
+"""Benchmarks: training throughput, recipe wall time and artifact latency, measured interleaved."""
