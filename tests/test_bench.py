@@ -28,9 +28,9 @@ def test_harness_writes_results_and_readme_table(tmp_path):
                        "--out", str(tmp_path / "r.json"), "--readme", str(readme)])
     assert code == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    entry = results["train"]["lenet_300_100"]
+    entry = results["train"]["lenet_300_100"]["cpu"]
     assert set(entry["speed_vs_plain_loop"]) == set(train.RUNNERS) and entry["speed_vs_plain_loop"]["plain_loop"] == 1.0
-    assert all(len(v) == 2 for v in entry["seconds"].values())
+    assert all(len(v) == 2 and min(v) > 0 for v in entry["seconds"].values())
     assert "| lenet_300_100, 2 steps |" in readme.read_text()
     bench_main(["--sections", "train", "--repeats", "1", "--steps", "lenet_300_100=1",
                 "--out", str(tmp_path / "r.json"), "--readme", str(readme)])
