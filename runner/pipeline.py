@@ -101,7 +101,7 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
         settings = recipe.trainer.for_stage(spec) if everywhere else recipe.trainer.one_process()
         ctx = StageContext(
             recipe=recipe, index=step.index, stage_dir=step.folder, data=data, seed=seed, upstream=results,
-            trainer=functools.partial(build_trainer, settings, step.folder), ranks=ranks if everywhere else Ranks(),
+            trainer=functools.partial(build_trainer, settings, step.folder),
         )
         start = time.perf_counter()
         if everywhere:

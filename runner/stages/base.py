@@ -9,8 +9,6 @@ from typing import Any, Callable, Protocol
 import pytorch_lightning as pl
 from torch import nn
 
-from runner.distributed import Ranks
-
 
 @dataclass
 class StageContext:
@@ -23,7 +21,6 @@ class StageContext:
     trainer: Callable[..., pl.Trainer]  # build_trainer bound to the recipe's trainer settings
     seed: int  # this stage's seed (already applied with seed_everything)
     upstream: dict[str, "StageResult"] = field(default_factory=dict)  # earlier results by stage name
-    ranks: Ranks = Ranks()  # this process's rank; a stage that runs on rank 0 only sees Ranks(0, 1)
 
 
 @dataclass
