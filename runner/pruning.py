@@ -241,3 +241,16 @@ def check_reached(stage: str, model, targets: dict[str, float], scope: str, tole
         if abs(value - wanted) > tolerance + 0.5 / size:
             raise StageError(stage, f"{name}: sparsity {value:.4f} instead of the target {wanted:.4f}",
                              "the schedule must finish inside the stage (check `end` and early stopping)")
+
+
+@torch.no_grad()
+def rewind_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Set parameters to earlier values (lottery-ticket rewinding); masked entries stay exactly zero."""
+    for name, value in weights.items():
+        module_name, attr = _split(name)
+        module = model.get_submodule(module_name)
+        if parametrize.is_parametrized(module, attr):
+            mask = mask_module(model, name)
+            module.parametrizations[attr].original.copy_(value * mask.mask if mask is not None else value)
+        else:
+            getattr(module, attr).copy_(value)

@@ -200,6 +200,8 @@ def _pruning_specs(recipe: Recipe):
     for i, stage in enumerate(recipe.stages):
         if stage.kind == "prune":
             yield ("stages", i), stage, "sparsity"
+        if stage.kind == "iterative_prune":
+            yield ("stages", i), stage, "fraction"
         if getattr(stage, "gradual_pruning", None) is not None:
             yield ("stages", i, "gradual_pruning"), stage.gradual_pruning, "sparsity"
 

@@ -13,6 +13,7 @@ from runner.recipe.training import (
     CrossEntropy,
     EarlyStopping,
     GradualPruning,
+    Moment,
     Loss,
     LRFinder,
     Optimizer,
@@ -103,6 +104,42 @@ class PruneStage(Spec):
         return self
 
 
+class IterativePruneStage(Spec):
+    """Rounds of prune-then-retrain: Han et al. 2015 iterative pruning, and with `rewind` the lottery-ticket
+    procedure of Frankle & Carbin 2019 (survivors reset to their initial values θ0, or, after Frankle et
+    al. 2020, to their values after an early iteration θk); `reinit` is the random re-initialization control.
+
+    Each round prunes `fraction` of the weights still remaining (per layer, or one global ranking),
+    so after k rounds the sparsity is 1 - (1 - fraction)^k. With `rewind` or `reinit`, round 0 first
+    trains the incoming weights densely with `retrain`, since the rewind point lies in that run.
+    """
+
+    name: Slug
+    kind: Literal["iterative_prune"]
+    rounds: PositiveInt
+    fraction: Sparsity  # of the remaining weights, per round: one value, or {module pattern: value}
+    method: Literal["magnitude", "random"] = "magnitude"
+    scope: Literal["layer", "global"] = "layer"
+    params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
+    retrain: Training
+    rewind_lr: bool = True  # each round restarts retrain's schedule; false: continue at the last round's final lr
+    rewind: Literal["init"] | Moment | None = None  # θ0, or θk at a point of the dense round 0
+    reinit: bool = False  # survivors get a fresh random initialization instead (the control)
+
+    runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.fraction, dict) and self.scope == "global":
+            raise ValueError("per-layer `fraction` targets need `scope: layer`")
+        if self.rewind is not None and self.reinit:
+            raise ValueError("`rewind` resets survivors to their trained-from values, `reinit` to fresh random ones: "
+                             "choose one")
+        if self.retrain.gradual_pruning is not None:
+            raise ValueError("`retrain` cannot prune gradually: the rounds do the pruning")
+        return self
+
+
 class EvaluateStage(Spec):
     """Measure the model: test loss/accuracy, parameter counts, sparsity, size, latency."""
 
@@ -183,6 +220,6 @@ class ExportStage(Spec):
     check_examples: PositiveInt = 256
 
 
-Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, EvaluateStage, QuantizeStage, ExportStage],
+Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, IterativePruneStage, EvaluateStage, QuantizeStage, ExportStage],
                   Field(discriminator="kind")]
-STAGE_KINDS = ["train", "finetune", "prune", "evaluate", "quantize", "export"]
+STAGE_KINDS = ["train", "finetune", "prune", "iterative_prune", "evaluate", "quantize", "export"]

@@ -7,6 +7,6 @@ from runner.stages.base import StageContext, StageFn, StageResult
 
 STAGES: Registry[StageFn] = Registry("stage kind")
 
-from runner.stages import evaluate, export, finetune, prune, quantize, train  # noqa: E402,F401
+from runner.stages import evaluate, export, finetune, iterative_prune, prune, quantize, train  # noqa: E402,F401
 
 __all__ = ["STAGES", "StageContext", "StageResult"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -21,6 +23,15 @@ class StageContext:
     trainer: Callable[..., pl.Trainer]  # build_trainer bound to the recipe's trainer settings
     seed: int  # this stage's seed (already applied with seed_everything)
     upstream: dict[str, "StageResult"] = field(default_factory=dict)  # earlier results by stage name
+
+    def part(self, name: str) -> "StageContext":
+        """The context of one fit of a stage that trains several times: its own folder for logs and resume
+        checkpoints, so one round can never resume from another's checkpoint."""
+        folder = self.stage_dir / name
+        bound = self.trainer  # functools.partial(build_trainer, settings, stage_dir)
+        assert isinstance(bound, functools.partial) and bound.args[-1] == self.stage_dir
+        trainer = functools.partial(bound.func, *bound.args[:-1], folder, **bound.keywords)
+        return dataclasses.replace(self, stage_dir=folder, trainer=trainer)
 
 
 @dataclass
