@@ -82,12 +82,21 @@ def accuracy(model: nn.Module, batches) -> dict:
 @torch.inference_mode()
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int, warmup: int) -> float:
     """Median wall time of one forward pass, in milliseconds."""
-    model.eval()
-    for _ in range(warmup):
-        model(example)
-    times = []
+    return paired_latency_ms([model], example, repeats, warmup)[0]
+
+
+@torch.inference_mode()
+def paired_latency_ms(models: list[nn.Module], example: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    """Median forward time of each model, in milliseconds, the models taking turns on every repeat:
+    a load change on a shared machine hits all of them alike, so their ratio stays fair."""
+    for model in models:
+        model.eval()
+        for _ in range(warmup):
+            model(example)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(example)
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 4)
+        for model, spent in zip(models, times):
+            start = time.perf_counter()
+            model(example)
+            spent.append(time.perf_counter() - start)
+    return [round(statistics.median(spent) * 1e3, 4) for spent in times]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from runner.compress.packed import encode
-from runner.measure import accuracy, dense_fp32_bytes, latency_ms, parameter_stats, serialized_bytes
+from runner.measure import (accuracy, dense_fp32_bytes, latency_ms, paired_latency_ms, parameter_stats,
+                            serialized_bytes)
 from runner.models import build_model
 from runner.rebuild import transforms_of
 from runner.stages import STAGES
@@ -42,11 +43,15 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         metrics["latency_threads"] = torch.get_num_threads()
         for batch_size in spec.latency_batch_sizes:
             example = _example(images, batch_size)
-            metrics[f"latency_ms_b{batch_size}"] = latency_ms(model, example, spec.latency_repeats, spec.latency_warmup)
-            if reference is not None:
-                fp32 = latency_ms(reference, example, spec.latency_repeats, spec.latency_warmup)
-                metrics[f"latency_fp32_ms_b{batch_size}"] = fp32
-                metrics[f"latency_ratio_b{batch_size}"] = round(metrics[f"latency_ms_b{batch_size}"] / fp32, 3)
+            if reference is None:
+                metrics[f"latency_ms_b{batch_size}"] = latency_ms(model, example, spec.latency_repeats,
+                                                                  spec.latency_warmup)
+                continue
+            int8_ms, fp32_ms = paired_latency_ms([model, reference], example, spec.latency_repeats,
+                                                 spec.latency_warmup)
+            metrics[f"latency_ms_b{batch_size}"] = int8_ms
+            metrics[f"latency_fp32_ms_b{batch_size}"] = fp32_ms
+            metrics[f"latency_ratio_b{batch_size}"] = round(int8_ms / fp32_ms, 3)
     finally:
         torch.set_num_threads(threads_before)
     return StageResult(model, metrics)

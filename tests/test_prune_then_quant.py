@@ -1,0 +1,37 @@
+"""The shipped prune_then_quant recipe end to end on full MNIST, with shortened training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner.artifacts import load_model
+from runner.compress.packed import read_packed
+from runner.data.mnist import mnist
+from tests.conftest import read_metrics
+
+
+@pytest.mark.slow
+def test_prune_then_quant_recipe_keeps_zeros_and_packs_20x(nnopt, tmp_path):
+    # Shorter training than the recipe's 10 + 8 epochs; the full run's figures are in README.
+    code, _, err = nnopt("run", Path("recipes/prune_then_quant.yaml"), "-O", tmp_path,
+                         "-o", "stages.train.epochs=3", "-o", "stages.finetune.epochs=2")
+    assert code == 0, err
+    run_dir = tmp_path / "prune_then_quant"
+    evaluation = read_metrics(run_dir, "05-evaluate")
+    assert evaluation["test_error"] <= 0.025
+    assert evaluation["sparsity"] == pytest.approx(0.92, abs=0.002)  # biases are dense
+    assert evaluation["size_ratio"] >= 20
+    assert evaluation["latency_fp32_ms_b256"] > 0 and "latency_ratio_b1" in evaluation
+
+    pruned, quantized = load_model(run_dir / "03-finetune"), load_model(run_dir / "04-quantize")
+    for name in ("fc1", "fc2", "fc3"):
+        float_zeros = pruned.get_submodule(name).weight == 0
+        int8_zeros = quantized.get_submodule(f"module.{name}").weight().int_repr() == 0
+        assert torch.equal(float_zeros, int8_zeros), name
+    images = mnist().test[0][:500]
+    assert torch.equal(read_packed(run_dir / "04-quantize" / "model.dcz")(images), quantized(images))
+    export = read_metrics(run_dir, "06-export")
+    assert export["onnx_max_abs_diff"] <= export["onnx_tolerance"] and export["onnx_argmax_agreement"] >= 0.99
