@@ -48,9 +48,20 @@ def run_metrics(outcomes: list[dict]) -> dict[str, float]:
     return derived
 
 
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}", inner, out)
+    elif _number(value):
+        out[prefix] = value
+
+
 def flat_metrics(outcomes: list[dict]) -> dict[str, float]:
-    """Every numeric metric as `stage.metric`, plus the run-level metrics: what expect rules name."""
-    flat = {f"{o['name']}.{key}": value for o in outcomes for key, value in o["metrics"].items() if _number(value)}
+    """Every numeric metric as `stage.metric` (nested ones as `stage.metric.key`, e.g.
+    `evaluate.layer_sparsity.fc1.weight`), plus the run-level metrics: what expect rules name."""
+    flat: dict[str, float] = {}
+    for o in outcomes:
+        _flatten(o["name"], o["metrics"], flat)
     flat.update(run_metrics(outcomes))
     return flat
 

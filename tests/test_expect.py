@@ -46,6 +46,20 @@ def test_expect_pass_and_fail_on_a_real_run(nnopt, write_recipe, tmp_path):
     assert code == 3 and "evaluate.test_acc" in err
 
 
+def test_expect_reads_pruned_models_and_nested_metrics(nnopt, write_recipe, tmp_path):
+    recipe = recipe_with({"source": "x", "metrics": {
+        "evaluate.layer_sparsity.fc1.weight": {"within": {"value": 0.75, "tolerance": 0.001}},
+        "weights_kept": {"within": {"value": (0.25 * 32 * 32 + 10 * 32 + 32 + 10) / (32 * 32 + 32 + 32 * 10 + 10),
+                                    "tolerance": 1e-4}},
+        "prune.sparsity_after": {"at_least": 0.75}}})
+    recipe["stages"].insert(1, {"name": "prune", "kind": "prune", "sparsity": {"fc1": 0.75}})
+    code, out, err = nnopt("run", write_recipe(recipe), "-O", tmp_path, "--check")
+    assert code == 0, err + out
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    assert report["layers"]["layer_sparsity"]["fc1.weight"] == pytest.approx(0.75, abs=1e-3)
+    assert [v["passed"] for v in report["expect"]["verdicts"]] == [True, True, True]
+
+
 def test_check_passes_when_every_figure_is_met(nnopt, write_recipe, tmp_path):
     path = write_recipe(recipe_with({"source": "x", "metrics": {"test_acc": {"at_least": 0.6}}}))
     code, out, err = nnopt("run", path, "-O", tmp_path, "--check")
@@ -93,9 +107,10 @@ def test_declared_stage_metrics_match_what_stages_report(nnopt, write_recipe, tm
     assert code == 0, err
     for folder, kind in (("01-train", "train"), ("02-evaluate", "evaluate")):
         patterns = [p.format(split="test") for p in STAGE_METRICS[kind]]
-        for metric in read_metrics(tmp_path / "tiny", folder):
-            if metric != "layer_sparsity":
-                assert any(fnmatchcase(metric, p) for p in patterns), (kind, metric)
+        for metric, value in read_metrics(tmp_path / "tiny", folder).items():
+            names = [f"{metric}.{key}" for key in value] if isinstance(value, dict) else [metric]
+            for name in names:
+                assert any(fnmatchcase(name, p) for p in patterns), (kind, name)
 
 
 def test_seeds_report_mean_and_std(nnopt, write_recipe, tmp_path):
