@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import read_metrics, synthetic_recipe
+from conftest import mnist_recipe, read_metrics, synthetic_recipe
 from runner.recipe.expect import STAGE_METRICS
 
 
@@ -195,3 +195,24 @@ def test_sweep_values_are_validated_like_overrides(nnopt, write_recipe):
     assert code == 2 and "stages[0].epochs" in err and "set by override `stages.train.epochs=-1`" in err
     code, _, err = nnopt("sweep", write_recipe(recipe_with()), "-s", "stages.train.epochs")
     assert code == 2 and "not `key.path=v1,v2,...`" in err
+
+
+@pytest.mark.slow
+def test_han_style_reproduction_on_an_mnist_subset(nnopt, write_recipe, tmp_path):
+    """The shape of recipes/han2015_lenet300.yaml on 5k MNIST images: train, prune per layer, retrain, check."""
+    sgd = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    recipe = mnist_recipe([
+        {"name": "train", "kind": "train", "epochs": 3, "optimizer": sgd},
+        {"name": "prune", "kind": "prune", "sparsity": {"fc1": 0.92, "fc2": 0.91, "fc3": 0.74}},
+        {"name": "retrain", "kind": "finetune", "epochs": 2, "optimizer": {**sgd, "lr": 0.01}},
+        {"name": "evaluate", "kind": "evaluate", "latency_repeats": 3},
+    ], expect={"source": "Han et al. 2015 shape, subset", "metrics": {
+        "test_error": {"at_most": 0.08},
+        "weights_kept": {"within": {"value": 0.0832, "tolerance": 0.001}},
+        "evaluate.compression_rate": {"within": {"value": 12, "tolerance": 0.5}}}})
+    code, out, err = nnopt("run", write_recipe(recipe), "-O", tmp_path, "--check")
+    assert code == 0, err + out
+    report = json.loads((tmp_path / "mnist_small" / "report.json").read_text())
+    kept = {name: 1 - s for name, s in report["layers"]["layer_sparsity"].items()}
+    assert kept == pytest.approx({"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}, abs=1e-3)
+    assert (tmp_path / "mnist_small" / "plots" / "03-retrain-curves.png").is_file()
