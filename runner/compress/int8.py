@@ -186,6 +186,10 @@ def freeze_observers(prepared: nn.Module) -> None:
     prepared.apply(tq.disable_observer)
 
 
+def resume_observers(prepared: nn.Module) -> None:
+    prepared.apply(tq.enable_observer)
+
+
 def freeze_batchnorm(prepared: nn.Module) -> None:
     prepared.apply(nniqat.freeze_bn_stats)
 

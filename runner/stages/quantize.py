@@ -24,7 +24,11 @@ def _steps(point, steps_per_epoch: int) -> int | None:
 
 
 class FreezeQuantization(pl.Callback):
-    """Fixes the activation ranges, then the BatchNorm statistics, at the configured steps (Jacob et al. 2018 §3)."""
+    """Fixes the activation ranges, then the BatchNorm statistics, at the configured steps (Jacob et al. 2018 §3).
+
+    Validation never moves the ranges: torch's observers run in eval mode too, so they are paused
+    while Lightning validates.
+    """
 
     def __init__(self, observers_at: int | None, batchnorm_at: int | None):
         self.observers_at, self.batchnorm_at = observers_at, batchnorm_at
@@ -47,6 +51,13 @@ class FreezeQuantization(pl.Callback):
         if self.batchnorm_frozen_at is None and self.batchnorm_at is not None and step >= self.batchnorm_at:
             int8.freeze_batchnorm(pl_module.model)
             self.batchnorm_frozen_at = step
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        int8.freeze_observers(pl_module.model)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.observers_frozen_at is None:
+            int8.resume_observers(pl_module.model)
 
     def state_dict(self):
         return {"observers_frozen_at": self.observers_frozen_at, "batchnorm_frozen_at": self.batchnorm_frozen_at}
