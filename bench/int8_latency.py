@@ -1,6 +1,6 @@
 """Forward latency of fp32 vs dynamic int8 vs static int8 (torch.ao eager, x86 engine), one thread.
 
-Usage: python bench/int8_latency.py [--repeats 200]     (from the repository root; ~30 s)
+Usage: python -m bench.int8_latency [--repeats 200]     (from the repository root; ~30 s idle)
 The models take turns on every repeat (runner.measure.paired_latency_ms), so machine load hits all
 alike; the figures are medians. Weights are random: latency does not depend on their values.
 """
