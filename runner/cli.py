@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 
 from runner import __version__
 from runner.errors import RecipeError, RunError, StageError
@@ -20,6 +20,13 @@ EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_EXPECT_FAILED, EXIT_INTERRUPTED
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def escape(text: str) -> str:
+    """Text from a recipe, shown inert: no rich markup, and control characters (a terminal escape
+    sequence in a field name could retitle or recolour the user's terminal) spelled out."""
+    shown = "".join(ch if ch.isprintable() or ch == "\n" else ascii(ch)[1:-1] for ch in str(text))
+    return escape_markup(shown)
 
 
 def _print_recipe_error(error: RecipeError) -> None:

@@ -3,13 +3,19 @@ to a run that was never interrupted."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import yaml
 
 from runner.cli import main
 from runner.lightning.resume import ResumePoints
-from tests.conftest import read_metrics, synthetic_recipe
+from tests.conftest import mnist_recipe, read_metrics, synthetic_recipe
 
 TIMING = {"fit_seconds", "samples_per_second", "resumed"}
 
@@ -131,3 +137,44 @@ def test_qat_resumes_with_frozen_observers_and_batchnorm(nnopt, write_recipe, tm
     for folder in ("02-qat", "03-evaluate"):
         expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
         assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
+
+
+def nnopt_process(recipe, out_dir) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runner", "run", str(recipe), "-O", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(write_recipe, tmp_path):
+    train = {"name": "train", "kind": "train", "epochs": 2, "schedule": {"name": "cosine"},
+             "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}}
+    evaluate = {"name": "evaluate", "kind": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 3}
+    recipe = mnist_recipe([train, evaluate], train_limit=4000, model={"name": "mlp", "args": {
+        "hidden": [300, 100], "in_features": 784, "dropout": 0.2}})
+    recipe["trainer"].update(checkpoint={"every_n_steps": 10}, threads=1)  # 63 steps per epoch
+    path = write_recipe(recipe)
+    straight = nnopt_process(path, tmp_path / "straight")  # runs while the other one is killed and resumed
+
+    victim = nnopt_process(path, tmp_path / "killed")
+    stage = tmp_path / "killed" / "mnist_small" / "01-train"
+    position = stage / "checkpoint" / "last.json"
+    while victim.poll() is None:
+        if position.is_file() and json.loads(position.read_text())["step"] >= 70:  # into the second epoch
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert victim.wait() == -signal.SIGKILL, victim.stdout.read()
+    assert not (stage / "DONE").exists()
+
+    resumed = nnopt_process(path, tmp_path / "killed")
+    out = resumed.communicate()[0]
+    assert resumed.returncode == 0, out
+    assert "train (train): unfinished: resumes from its last checkpoint at step" in out
+    assert straight.wait() == 0, straight.stdout.read()
+    for folder in ("01-train", "02-evaluate"):
+        expected = {k: v for k, v in read_metrics(tmp_path / "straight" / "mnist_small", folder).items() if not timing(k)}
+        got = {k: v for k, v in read_metrics(tmp_path / "killed" / "mnist_small", folder).items() if not timing(k)}
+        assert got == expected
+    weights = torch.load(stage / "model.pt", weights_only=True)
+    reference = torch.load(tmp_path / "straight" / "mnist_small" / "01-train" / "model.pt", weights_only=True)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)

@@ -64,6 +64,27 @@ def _index_marks(node: yaml.Node, path: Path_, out: dict) -> None:
             _index_marks(item, path + (i,), out)
 
 
+MAX_DEPTH = 64  # a real recipe nests about 6 levels; anything near Python's recursion limit is hostile
+MAX_NODES = 200_000  # counted with aliases expanded: `&a [*b, *b, ...]` chains grow exponentially
+
+
+def _check_shape(node: yaml.Node, file: str) -> None:
+    """Refuse absurd nesting and alias bombs before anything walks the tree recursively."""
+    stack, visited = [(node, 1)], 0
+    while stack:
+        current, depth = stack.pop()
+        visited += 1
+        if depth > MAX_DEPTH:
+            raise _file_issue(file, f"the recipe nests more than {MAX_DEPTH} levels deep", None, current.start_mark)
+        if visited > MAX_NODES:
+            raise _file_issue(file, f"the recipe has more than {MAX_NODES} values (counting YAML aliases expanded)",
+                              "write values out instead of nesting aliases", current.start_mark)
+        if isinstance(current, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in current.value for child in pair)
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in current.value)
+
+
 def _file_issue(file: str, message: str, hint: str | None = None, mark=None) -> RecipeError:
     line = mark.line + 1 if mark is not None else None
     column = mark.column + 1 if mark is not None else None
@@ -77,6 +98,7 @@ def parse_text(text: str, file: str) -> Source:
         node = loader.get_single_node()
         if node is None:
             raise _file_issue(file, "the recipe is empty", "start from `recipes/train_lenet300.yaml`")
+        _check_shape(node, file)
         marks: dict[Path_, tuple[int, int]] = {}
         _index_marks(node, (), marks)
         data = loader.construct_document(node)
@@ -89,6 +111,8 @@ def parse_text(text: str, file: str) -> Source:
             message = f"YAML tag `{tag}` refused"
             hint = "recipes are plain data; Python object tags are never executed"
         raise _file_issue(file, message, hint, err.problem_mark) from None
+    except RecursionError:  # the parser itself recurses per level of nesting
+        raise _file_issue(file, f"the recipe nests deeper than Python can parse (a recipe needs under {MAX_DEPTH} levels)") from None
     except yaml.MarkedYAMLError as err:
         raise _file_issue(file, f"YAML syntax error: {err.problem}", err.context, err.problem_mark) from None
     except yaml.YAMLError as err:
