@@ -90,12 +90,11 @@ def is_done(folder: Path, fingerprint: str) -> bool:
     return marker.is_file() and marker.read_text(encoding="utf-8").strip() == fingerprint
 
 
-def _refuse_links(folder: Path) -> None:
-    """A stage folder that is a symbolic link could make nnopt delete or write outside the output folder."""
-    for path in (folder, folder.parent):
-        if path.is_symlink():
-            raise OSError(f"{path} is a symbolic link; nnopt only writes real folders inside the output folder "
-                          "(remove the link or choose another output folder with -O)")
+def refuse_link(folder: Path) -> None:
+    """A run or stage folder that is a symbolic link could make nnopt delete or write outside the output folder."""
+    if folder.is_symlink():
+        raise OSError(f"{folder} is a symbolic link; nnopt only writes real folders inside the output folder "
+                      "(remove the link or choose another output folder with -O)")
 
 
 def resumable_checkpoint(folder: Path, fingerprint: str) -> Path | None:
@@ -120,7 +119,7 @@ def reset(folder: Path, fingerprint: str) -> Path:
     except the checkpoint of an interrupted run of the same config (fingerprint), which it resumes.
 
     Returns the checkpoint folder, marked with the fingerprint the checkpoints in it belong to."""
-    _refuse_links(folder)
+    refuse_link(folder)
     keep = resumable_checkpoint(folder, fingerprint) is not None
     if folder.exists():
         for entry in folder.iterdir():

@@ -60,6 +60,7 @@ def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = Fal
         console = Console(quiet=True)
     with ExitStack() as held:
         def lock_and_plan():
+            artifacts.refuse_link(run_dir)
             held.enter_context(run_lock(run_dir))
             return make_plan(recipe, run_dir, force=force, start=start, only=only)
 

@@ -10,6 +10,8 @@ import pickle
 import signal
 from pathlib import Path
 
+import pytest
+
 import runner
 from runner.artifacts import CHECKPOINT_OWNER, CHECKPOINTS, LAST_CHECKPOINT
 from runner.plan import fingerprints
@@ -50,16 +52,16 @@ def test_unwritable_output_folder_is_a_clear_error(nnopt, write_recipe, tmp_path
     assert code == 1 and "cannot write" in err and "choose a writable output folder with -O" in err
 
 
-def test_stage_folder_linked_outside_is_refused(nnopt, write_recipe, tmp_path):
+@pytest.mark.parametrize("linked", ["tiny", "tiny/01-train"])
+def test_run_or_stage_folder_linked_outside_is_refused(nnopt, write_recipe, tmp_path, linked):
     outside = tmp_path / "precious"
     outside.mkdir()
     (outside / "thesis.tex").write_text("years of work")
-    run_dir = tmp_path / "out" / "tiny"
-    run_dir.mkdir(parents=True)
-    (run_dir / "01-train").symlink_to(outside)
+    (tmp_path / "out" / linked).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out" / linked).symlink_to(outside)
     code, _, err = nnopt("run", write_recipe(synthetic_recipe(epochs=1)), "-O", tmp_path / "out")
     assert code == 1 and "is a symbolic link" in err
-    assert (outside / "thesis.tex").read_text() == "years of work"
+    assert [p.name for p in outside.iterdir()] == ["thesis.tex"] and (outside / "thesis.tex").read_text() == "years of work"
 
 
 class _Exploit:
