@@ -61,11 +61,25 @@ def launch(settings) -> Ranks:
 
 
 def state_digest(model: nn.Module) -> str:
-    """A short hash of every tensor in the state dict (weights, masks, buffers), in name order."""
+    """A short hash of everything in the state dict (weights, masks, buffers, int8 packed weights), in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu()
+            if tensor.is_quantized:
+                add(tensor.int_repr())
+                tensor = tensor.dequantize()  # carries the scales and zero points
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                add(item)
+        else:
+            digest.update(repr(value).encode())
+
+    for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        add(value)
     return digest.hexdigest()[:16]
 
 
@@ -85,6 +99,17 @@ def run_on_zero(ranks: Ranks, stage: str, work: Callable[[], Any]) -> Any:
         raise
     ranks.from_zero(False)
     return result
+
+
+def buffers_from_zero(ranks: Ranks, model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics): DDP's own rule before each forward
+    pass, applied once more after the last one, which each rank ran on its own share of the batch."""
+    if ranks.world_size == 1:
+        return
+    buffers = ranks.from_zero(dict(model.named_buffers()) if ranks.is_zero else None)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
 
 
 def model_from_zero(ranks: Ranks, model_spec, model: nn.Module | None) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from runner import artifacts
-from runner.distributed import Ranks, launch, model_from_zero, run_on_zero, state_digest
+from runner.distributed import Ranks, buffers_from_zero, launch, model_from_zero, run_on_zero, state_digest
 from runner.errors import StageError
 from runner.data.batches import build_data
 from runner.lightning.trainer import build_trainer
@@ -99,7 +99,7 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
         seed = recipe.seed + step.index
         pl.seed_everything(seed, verbose=False)
         everywhere = spec.runs_on_every_rank
-        settings = recipe.trainer.for_stage(spec) if everywhere else recipe.trainer.one_process()
+        settings = recipe.trainer if everywhere else recipe.trainer.one_process()
         ctx = StageContext(
             recipe=recipe, index=step.index, stage_dir=step.folder, data=data, seed=seed, upstream=results,
             trainer=functools.partial(build_trainer, settings, step.folder),
@@ -133,7 +133,9 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
 
 
 def _same_on_every_rank(ranks: Ranks, stage: str, model) -> list[str]:
-    """Each rank's state digest after training; replicas that drifted apart (masks included) fail the stage."""
+    """Each rank's state digest after training (buffers taken from rank 0, as DDP does); replicas
+    whose weights or masks drifted apart fail the stage."""
+    buffers_from_zero(ranks, model)
     digests = ranks.gather(state_digest(model))
     if len(set(digests)) > 1:
         raise StageError(stage, f"the ranks ended training with different models (state digests {digests})",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from runner.artifacts import load_model
+from runner.distributed import state_digest
 from runner.recipe.devices import Machine
 from tests.conftest import read_metrics, synthetic_recipe
 from tests.test_validation import assert_clean_error
@@ -29,15 +30,6 @@ def run_cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return done
 
 
-def state_digest_of(path: Path) -> str:
-    """The same digest runner.distributed.state_digest computes, from the saved weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(torch.load(path, weights_only=True).items()):
-        digest.update(name.encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
@@ -48,8 +40,10 @@ def assert_same_metrics(one: dict, two: dict, keys) -> None:
 
 
 def prune_recipe() -> dict:
-    """train -> prune (one-shot, global magnitude) -> finetune -> evaluate on the synthetic data."""
-    recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 1e-4}])
+    """train with gradual pruning to 50% -> prune (one-shot, global magnitude) to 80% -> finetune -> evaluate."""
+    recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 1e-4}],
+                              gradual_pruning={"sparsity": 0.5, "scope": "global", "end": {"fraction": 0.7},
+                                               "every": {"steps": 4}})
     recipe["stages"][1:1] = [
         {"name": "prune", "kind": "prune", "scope": "global", "sparsity": 0.8},
         {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
@@ -71,9 +65,12 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recip
         assert ddp["steps"] == single["steps"] > 0
         assert_same_metrics(single, ddp, ["train_loss", "val_loss", "val_acc"])
         # Both ranks ended training with the model rank 0 saved, pruning masks included.
-        assert ddp["rank_digests"] == [state_digest_of(two / stage / "model.pt")] * 2
+        assert ddp["rank_digests"] == [state_digest(load_model(two / stage))] * 2
         assert "rank_digests" not in single
     assert any(name.endswith("mask") for name in torch.load(two / "03-finetune" / "model.pt", weights_only=True))
+    gradual = [read_metrics(run, "01-train")["gradual_pruning"] for run in (one, two)]
+    assert gradual[1]["pruned_at_steps"] == gradual[0]["pruned_at_steps"]  # the same schedule, the same sparsities
+    assert gradual[1]["sparsity"] == gradual[0]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert read_metrics(two, "03-finetune")["sparsity"] == read_metrics(one, "03-finetune")["sparsity"] > 0.7
     assert_same_metrics(read_metrics(one, "04-evaluate"), read_metrics(two, "04-evaluate"), ["test_loss", "test_acc"])
 
@@ -162,6 +159,19 @@ def test_multi_process_rules_and_stage_overrides_are_located(write_recipe, nnopt
                        "over 6 processes", "use a multiple of 6")
 
 
+def test_a_training_block_inside_a_stage_overrides_and_is_checked_too(write_recipe, nnopt, tmp_path):
+    recipe = synthetic_recipe(epochs=1)
+    recipe["stages"].insert(1, {"name": "rounds", "kind": "iterative_prune", "rounds": 1, "fraction": 0.5,
+                                "retrain": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.01},
+                                            "trainer": {"accumulate_grad_batches": 4}}})
+    path = write_recipe(recipe)
+    code, _, err = nnopt("run", path, "-O", tmp_path)
+    assert code == 0, err
+    assert read_metrics(tmp_path / "tiny", "02-rounds")["rounds"][0]["steps"] == 2 * (512 // 32) // 4
+    code, _, err = nnopt("validate", path, "-o", "stages.rounds.retrain.trainer.precision=16-mixed")
+    assert_clean_error(code, " ".join(err.split()), f"{path}:", "stages[1].retrain.trainer.precision: `16-mixed`")
+
+
 def test_a_launcher_with_another_process_count_is_rejected(write_recipe, nnopt, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -174,6 +184,7 @@ def test_a_launcher_with_another_process_count_is_rejected(write_recipe, nnopt, 
 def test_a_stage_failing_on_rank_0_stops_every_rank(write_recipe, tmp_path):
     recipe = prune_recipe()
     recipe["trainer"].update(strategy="ddp", devices=2)
+    del recipe["stages"][0]["gradual_pruning"]
     recipe["stages"][2] = {"name": "prune_less", "kind": "prune", "scope": "global", "sparsity": 0.5}
     done = run_cli("run", write_recipe(recipe), "-O", tmp_path, check=False)  # a hang would hit the timeout
     assert done.returncode == 1

@@ -43,8 +43,11 @@ def _strategy(settings):
     return settings.strategy
 
 
-def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, **fit_options) -> pl.Trainer:
-    """`settings` is the stage's TrainerSpec; `fit_options` are per-stage (max_epochs, clipping, ...)."""
+def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, override=None,
+                  **fit_options) -> pl.Trainer:
+    """`settings` is the run's TrainerSpec, `override` the training block's own `trainer:`;
+    `fit_options` are per-stage (max_epochs, clipping, ...)."""
+    settings = settings.with_override(override)
     callbacks = list(callbacks or [])
     callbacks.append(LearningRateMonitor(logging_interval="step", log_momentum=True))
     if settings.checkpoint is not None:

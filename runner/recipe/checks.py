@@ -131,18 +131,31 @@ def _check_optional_packages(recipe: Recipe, source: Source) -> list[Issue]:
     return issues
 
 
+def _training_blocks(recipe: Recipe):
+    """(path, Training spec) for every stage that trains and every training block inside a stage
+    (iterative_prune's `retrain`, weight sharing's `finetune`)."""
+    from runner.recipe.stages import Training
+
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, Training):
+            yield ("stages", i), stage
+        for field in type(stage).model_fields:
+            value = getattr(stage, field)
+            if isinstance(value, Training):
+                yield ("stages", i, field), value
+
+
 def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
     """Accelerator, strategy and precision combinations this machine and Lightning can run."""
     from runner.recipe.devices import problems, world_size
 
     issues = [_issue(source, ("trainer", field), message, hint) for field, message, hint in problems(recipe.trainer)]
-    for i, stage in enumerate(recipe.stages):
-        override = getattr(stage, "trainer", None)
-        if override is None:
+    for path, block in _training_blocks(recipe):
+        if block.trainer is None:
             continue
-        own = override.model_dump(exclude_none=True)
-        issues += [_issue(source, ("stages", i, "trainer", field), message, hint)
-                   for field, message, hint in problems(recipe.trainer.for_stage(stage)) if field in own]
+        own = block.trainer.model_dump(exclude_none=True)
+        issues += [_issue(source, path + ("trainer", field), message, hint)
+                   for field, message, hint in problems(recipe.trainer.with_override(block.trainer)) if field in own]
 
     processes = world_size(recipe.trainer)
     if processes > 1:
@@ -150,10 +163,10 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
             if size % processes:
                 issues.append(_issue(source, ("data", block), f"{block} {size} is the global batch and does not split "
                                      f"evenly over {processes} processes", f"use a multiple of {processes}"))
-        for i, stage in enumerate(recipe.stages):
+        for path, block in _training_blocks(recipe):
             for tuner in ("lr_finder", "batch_size_finder"):
-                if getattr(stage, tuner, None) is not None:
-                    issues.append(_issue(source, ("stages", i, tuner), f"Lightning's `{tuner}` runs in one process, "
+                if getattr(block, tuner) is not None:
+                    issues.append(_issue(source, path + (tuner,), f"Lightning's `{tuner}` runs in one process, "
                                          f"but this recipe trains in {processes}",
                                          "find the value in a one-process run, then set it in the recipe"))
     return issues

@@ -88,9 +88,8 @@ class TrainerSpec(Spec):
     progress_bar: bool = True
     checkpoint: CheckpointSpec | None = CheckpointSpec()  # null: no resume points (a rerun restarts the stage)
 
-    def for_stage(self, stage) -> "TrainerSpec":
-        """These settings with the stage's own `trainer:` overrides applied."""
-        override = getattr(stage, "trainer", None)
+    def with_override(self, override) -> "TrainerSpec":
+        """These settings with a training block's own `trainer:` (a TrainerOverride, or None) applied."""
         if override is None:
             return self
         return self.model_copy(update=override.model_dump(exclude_none=True))

@@ -191,6 +191,9 @@ class QatInt8(Training):
     kind: Literal["quantize"]
     method: Literal["qat"]
     weights: Literal["per_tensor", "per_channel"] = "per_channel"
+    # The fake-quant observers' ranges are per-process buffers that DDP does not reduce, so the
+    # ranks would convert different int8 models: QAT runs on rank 0, in one process.
+    runs_on_every_rank: ClassVar[bool] = False
     freeze_observers_after: Point | None = None  # ranges fixed from here on (Jacob et al. 2018 §3)
     freeze_batchnorm_after: Point | None = None  # BN statistics fixed from here on (folded BN, §3.2)
 

@@ -54,6 +54,7 @@ def fit(spec, module: ClassifierModule, ctx: StageContext, callbacks: list | Non
                                        patience=es.patience, min_delta=es.min_delta))
     trainer = ctx.trainer(
         callbacks=callbacks,
+        override=spec.trainer,
         max_epochs=spec.epochs if spec.epochs is not None else -1,
         max_steps=spec.steps if spec.steps is not None else -1,
         gradient_clip_val=spec.gradient_clip,
