@@ -74,9 +74,7 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     from runner.sweep import plan_points, run_sweep
 
-    output_root = Path(args.output_dir)
-    points = plan_points(args.recipe, _overrides(args), args.set, lambda recipe: output_root / recipe.name / "sweep")
-    run_sweep(points, output_root / points[0].recipe.name / "sweep", out_console)
+    run_sweep(*plan_points(args.recipe, _overrides(args), args.set, Path(args.output_dir)), out_console)
     return EXIT_OK
 
 

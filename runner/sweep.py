@@ -20,7 +20,7 @@ from runner.recipe.overrides import apply_overrides
 from runner.recipe.source import read_source
 from runner.verdicts import format_value
 
-# What a point reports in the summary, in this order; bytes are the packed size when a stage reports it.
+# What a point reports in the summary (run-level metrics of runner.recipe.expect.RUN_METRICS), in this order.
 SUMMARY = ["test_acc", "test_error", "weights_kept", "compression_ratio", "bytes", "wall_seconds"]
 
 
@@ -72,16 +72,19 @@ def _folder_name(index: int, label: str) -> str:
     return f"{index + 1:02d}_" + re.sub(r"[^A-Za-z0-9._=,-]", "_", label)[:80]
 
 
-def plan_points(path: str, overrides: list[str], axes: list[str], sweep_dir_of) -> list[Point]:
-    """Every grid point validated before anything runs; errors name the override that caused them."""
+def plan_points(path: str, overrides: list[str], axes: list[str], output_root: Path) -> tuple[Path, list[Point]]:
+    """The sweep folder and every grid point, validated before anything runs; errors name the override
+    that caused them. Points live under the recipe's own name, whatever the axes change."""
     grid = parse_axes(str(path), axes)
+    base = validate_source(apply_overrides(read_source(path), overrides))
+    sweep_dir = Path(output_root) / base.name / "sweep"
     points = []
     for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
         point_overrides = [f"{key}={value}" for (key, _), value in zip(grid, combo)]
         recipe = validate_source(apply_overrides(read_source(path), overrides + point_overrides))
         label = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(grid, combo))
-        points.append(Point(label, point_overrides, recipe, sweep_dir_of(recipe) / _folder_name(index, label)))
-    return points
+        points.append(Point(label, point_overrides, recipe, sweep_dir / _folder_name(index, label)))
+    return sweep_dir, points
 
 
 def adopt_finished_stages(recipe, run_dir: Path, earlier: list[Path]) -> None:
@@ -101,23 +104,17 @@ def adopt_finished_stages(recipe, run_dir: Path, earlier: list[Path]) -> None:
 
 def _point_values(point: Point) -> dict:
     values, spread = point.result.values, point.result.spread or {}
-    final_bytes = next((key for key in ("packed_bytes", "model_bytes")
-                        if any(k.endswith("." + key) for k in values)), None)
     row = {"label": point.label, "overrides": point.overrides, "folder": point.folder.name}
     for key in SUMMARY:
-        source = key
-        if key == "bytes" and final_bytes is not None:
-            # the last stage that measured a size holds the final model's
-            source = [k for k in values if k.endswith("." + final_bytes)][-1]
-        row[key] = values.get(source)
-        if spread.get(source) is not None:
-            row[f"{key}_std"] = spread[source]
+        row[key] = values.get(key)
+        if spread.get(key) is not None:
+            row[f"{key}_std"] = spread[key]
     if point.result.verdicts:
         row["expect"] = f"{sum(v.passed for v in point.result.verdicts)}/{len(point.result.verdicts)} PASS"
     return row
 
 
-def run_sweep(points: list[Point], sweep_dir: Path, console: Console) -> list[dict]:
+def run_sweep(sweep_dir: Path, points: list[Point], console: Console) -> list[dict]:
     done: list[Path] = []
     for point in points:
         console.rule(f"sweep point {point.label}")

@@ -40,6 +40,8 @@ def run_metrics(outcomes: list[dict]) -> dict[str, float]:
             derived[key] = metrics[key]
     if (metrics := _last(outcomes, "params_nonzero", "params_total")) is not None and metrics["params_total"]:
         derived["weights_kept"] = metrics["params_nonzero"] / metrics["params_total"]
+    if (metrics := _last(outcomes, "packed_bytes")) is not None:
+        derived["bytes"] = metrics["packed_bytes"]
     if (metrics := _last(outcomes, "dense_fp32_bytes", "packed_bytes")) is not None and metrics["packed_bytes"]:
         derived["compression_ratio"] = metrics["dense_fp32_bytes"] / metrics["packed_bytes"]
     if (ratio := _latency_ratio(outcomes)) is not None:

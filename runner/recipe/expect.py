@@ -65,6 +65,7 @@ RUN_METRICS = {
     "weights_kept": "fraction of parameters that are nonzero (params_nonzero / params_total), last measured",
     "compression_ratio": "dense fp32 bytes / packed bytes of the model (evaluate's dense_fp32_bytes / packed_bytes), "
                          "last measured",
+    "bytes": "size of the final model's packed artifact (evaluate's packed_bytes), last measured",
     "latency_ratio": "latency of the final model / latency at the first measurement (smallest common batch size)",
     "wall_seconds": "seconds spent running stages in this invocation",
 }
