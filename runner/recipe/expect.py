@@ -78,7 +78,8 @@ STAGE_METRICS = {
               "final_lr", "lr_found", "batch_size_found", "gradual_pruning.*"],
     "evaluate": ["{split}_loss", "{split}_acc", "{split}_error", "{split}_examples", "params_total",
                  "params_nonzero", "sparsity", "compression_rate", "layer_sparsity.*", "model_bytes", "packed_bytes", "dense_fp32_bytes",
-                 "size_ratio", "latency_threads", "latency_ms_b*", "latency_fp32_ms_b*", "latency_ratio_b*"],
+                 "size_ratio", "latency_threads", "latency_ms_b*", "latency_fp32_ms_b*", "latency_ratio_b*",
+                 "deploy_latency_ms_b*", "deploy_path_b*", "deploy_latency_fp32_ms_b*", "deploy_latency_ratio_b*"],
 }
 
 

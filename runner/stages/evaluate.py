@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from runner.compress.packed import encode
+from runner.deploy import fastest_path
 from runner.measure import (accuracy, dense_fp32_bytes, latency_ms, paired_latency_ms, parameter_stats,
                             serialized_bytes)
 from runner.models import build_model
@@ -43,10 +44,21 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         metrics["latency_threads"] = torch.get_num_threads()
         for batch_size in spec.latency_batch_sizes:
             example = _example(images, batch_size)
+            # The fastest verified way to run it (runner.deploy); an int8 model is set against the
+            # fp32 model's fastest way, the two taking turns as below.
+            path, runnable, metrics[f"deploy_latency_ms_b{batch_size}"] = fastest_path(
+                model, example, spec.latency_repeats, spec.latency_warmup)
+            metrics[f"deploy_path_b{batch_size}"] = path
             if reference is None:
                 metrics[f"latency_ms_b{batch_size}"] = latency_ms(model, example, spec.latency_repeats,
                                                                   spec.latency_warmup)
                 continue
+            _, fp32_runnable, _ = fastest_path(reference, example, spec.latency_repeats, spec.latency_warmup)
+            int8_ms, fp32_ms = paired_latency_ms([runnable, fp32_runnable], example, spec.latency_repeats,
+                                                 spec.latency_warmup)
+            metrics[f"deploy_latency_ms_b{batch_size}"] = int8_ms
+            metrics[f"deploy_latency_fp32_ms_b{batch_size}"] = fp32_ms
+            metrics[f"deploy_latency_ratio_b{batch_size}"] = round(int8_ms / fp32_ms, 3)
             int8_ms, fp32_ms = paired_latency_ms([model, reference], example, spec.latency_repeats,
                                                  spec.latency_warmup)
             metrics[f"latency_ms_b{batch_size}"] = int8_ms
