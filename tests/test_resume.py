@@ -21,8 +21,9 @@ TIMING = {"fit_seconds", "samples_per_second", "resumed"}
 
 
 def timing(metric: str) -> bool:
-    """Wall-clock figures differ between any two runs; everything else must match bit for bit."""
-    return metric in TIMING or metric.startswith("latency")
+    """Wall-clock figures (and the inference path chosen by timing) differ between any two runs;
+    everything else must match bit for bit."""
+    return metric in TIMING or metric.startswith(("latency", "deploy_"))
 
 
 def resumable_recipe() -> dict:
