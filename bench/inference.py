@@ -1,4 +1,4 @@
-"""Latency of model artifacts (stage folders holding model.pt) at several batch sizes."""
+"""Latency of model artifacts (stage folders holding model.pt), eager and on their fastest path."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from runner.artifacts import CONFIG, MODEL_WEIGHTS, load_model, read_json
+from runner.deploy import fastest_path
 from runner.measure import latency_ms
 
 
@@ -15,14 +16,19 @@ def find_artifacts(run_dir: Path) -> dict[str, torch.nn.Module]:
     found = {}
     for folder in sorted(p for p in run_dir.iterdir() if (p / MODEL_WEIGHTS).is_file()):
         kind = read_json(folder / CONFIG)["kind"]
-        found[f"{run_dir.name}/{folder.name} ({kind})"] = load_model(folder)
+        found[f"{run_dir.name}/{folder.name} ({kind})"] = load_model(folder).eval()
     return found
 
 
-def example_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return images[:batch_size].contiguous()
+def runnables(models: dict[str, torch.nn.Module], example: torch.Tensor, forwards: int) -> dict[str, tuple]:
+    """name -> (eager model, fastest path's name, its runnable), the path picked by runner.deploy."""
+    out = {}
+    for name, model in models.items():
+        path, runnable, _ = fastest_path(model, example, repeats=forwards, warmup=5)
+        out[name] = (model, path, runnable)
+    return out
 
 
-def time_once(model: torch.nn.Module, example: torch.Tensor, repeats: int) -> float:
-    """One sample for the harness: the median of `repeats` forward passes, in milliseconds."""
-    return latency_ms(model, example, repeats, warmup=max(1, repeats // 5))
+def time_once(model, example: torch.Tensor, forwards: int) -> float:
+    """One sample for the harness: the median of `forwards` forward passes, in milliseconds."""
+    return latency_ms(model, example, forwards, warmup=max(1, forwards // 5))

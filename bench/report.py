@@ -33,12 +33,20 @@ def tables(results: dict) -> str:
             lines.append(f"| `{Path(name).name}` | not in this checkout yet |")
         lines.append("")
     if "inference" in results:
-        sizes = sorted({int(k[4:]) for entry in results["inference"].values() for k in entry if k.startswith("ms_b")})
-        lines += ["| artifact latency | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        sizes = sorted({int(k.rsplit("_b", 1)[1]) for entry in results["inference"].values() for k in entry
+                        if k.startswith("eager_ms_b")})
+        head = " | ".join(f"batch {b} eager | batch {b} fastest path" for b in sizes)
+        lines += [f"| artifact latency | {head} |", "|---" * (2 * len(sizes) + 1) + "|"]
         for name, entry in results["inference"].items():
-            cells = [f"{entry[f'ms_b{b}']:.3f} ms ({entry[f'speedup_b{b}']:.2f}x)" for b in sizes]
+            cells = []
+            for b in sizes:
+                cells.append(f"{entry[f'eager_ms_b{b}']:.3f} ms ({entry[f'eager_speedup_b{b}']:.2f}x)")
+                cells.append(f"{entry[f'fastest_ms_b{b}']:.3f} ms ({entry[f'fastest_speedup_b{b}']:.2f}x, "
+                             f"{entry[f'path_b{b}']})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "In brackets the speed-up over the run's first (dense fp32) artifact, median of per-repeat ratios.", ""]
+        lines += ["", "Median ms per forward pass; in brackets the speed-up over the run's first (dense fp32) artifact "
+                  "run the same way (eager vs eager, fastest vs fastest), median of per-repeat ratios, and the path "
+                  "runner.deploy picked (the one evaluate reports as deploy_path_b<N>).", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
