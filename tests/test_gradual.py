@@ -82,3 +82,26 @@ def test_checkpoint_of_a_masked_model_loads_into_a_fresh_module(nnopt, write_rec
 def test_bad_gradual_specs_are_located_errors(nnopt, write_recipe, agp, message):
     code, _, err = nnopt("validate", write_recipe(synthetic_recipe(gradual_pruning=agp)))
     assert code == 2 and message in " ".join(err.split()), err
+
+
+def test_interrupted_gradual_pruning_resumes_bit_identical(nnopt, write_recipe, tmp_path, monkeypatch):
+    """Interrupted between two pruning steps, the resumed stage keeps its masks, knows which steps it has
+    pruned at, and draws the same random scores: it ends exactly where an uninterrupted run ends."""
+    from tests.test_resume import interrupt_after_checkpoint, timing
+
+    recipe = synthetic_recipe(gradual_pruning={**AGP, "method": "random"})
+    recipe["trainer"]["checkpoint"] = {"every_n_steps": 8}
+    path = write_recipe(recipe)
+    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 2)  # step 16: pruned at 4, 10, 16 so far; 22, 28, 32 to come
+        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
+    code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
+    assert code == 0 and "resumes from its last checkpoint at step 16" in out
+    straight, resumed = (tmp_path / folder / "tiny" for folder in ("straight", "interrupted"))
+    expected = {k: v for k, v in read_metrics(straight, "01-train").items() if not timing(k)}
+    assert {k: v for k, v in read_metrics(resumed, "01-train").items() if not timing(k)} == expected
+    assert list(expected["gradual_pruning"]["pruned_at_steps"]) == ["4", "10", "16", "22", "28", "32"]
+    weights, reference = (torch.load(run / "01-train" / "model.pt", weights_only=True) for run in (resumed, straight))
+    assert any(key.endswith(".mask") for key in weights)
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
