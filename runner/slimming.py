@@ -171,16 +171,15 @@ def _neuron_scores(weight: torch.Tensor, method: str, norm: str, generator: torc
 
 
 def _targets(spec, layers: list[tuple[str, nn.Module]]) -> dict[str, float]:
+    """Layer name -> fraction of its neurons to remove; every weighted layer but the output one by default."""
     weighted = [name for name, module in layers if isinstance(module, WEIGHTED)]
-    prunable, output = weighted[:-1], weighted[-1]
-    if isinstance(spec.sparsity, dict):
-        for pattern in spec.sparsity:
-            if pruning.unmatched_patterns([pattern], [f"{n}.weight" for n in prunable]):
-                hint = f"`{output}` produces the model's outputs" if pruning.unmatched_patterns(
-                    [pattern], [f"{output}.weight"]) == [] else "layers: " + ", ".join(prunable)
-                raise StageError(spec.name, f"`{pattern}` matches no layer whose neurons can be removed", hint)
-    targets = pruning.layer_targets([f"{n}.weight" for n in prunable], spec.sparsity)
-    return {name.rpartition(".")[0]: value for name, value in targets.items()}
+    prunable, output = [f"{name}.weight" for name in weighted[:-1]], f"{weighted[-1]}.weight"
+    for pattern in spec.sparsity if isinstance(spec.sparsity, dict) else []:
+        if pruning.unmatched_patterns([pattern], prunable):
+            hint = (f"`{weighted[-1]}` produces the model's outputs" if not pruning.unmatched_patterns([pattern], [output])
+                    else "layers: " + ", ".join(weighted[:-1]))
+            raise StageError(spec.name, f"`{pattern}` matches no layer whose neurons can be removed", hint)
+    return {name.rpartition(".")[0]: value for name, value in pruning.layer_targets(prunable, spec.sparsity).items()}
 
 
 def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> dict:

@@ -20,7 +20,7 @@ def run(nnopt, write_recipe, tmp_path, recipe, expect: int = 0):
 
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
-    """train -> prune 92% global magnitude -> finetune (momentum + weight decay) -> evaluate, run once."""
+    """train -> prune 92% global magnitude -> finetune (momentum, weight decay, L1) -> evaluate, run once."""
     import yaml
 
     from runner.cli import main
@@ -29,8 +29,9 @@ def pruned_run(tmp_path_factory):
     recipe = mnist_recipe([
         {"name": "train", "kind": "train", "epochs": 2, "optimizer": SGD},
         {"name": "prune", "kind": "prune", "scope": "global", "sparsity": 0.92},
-        {"name": "finetune", "kind": "finetune", "epochs": 1,
-         "optimizer": {**SGD, "lr": 0.01, "weight_decay": 5e-4}},
+        # Users name parameters as they know them (`fc1.weight`), even once a mask parametrizes them.
+        {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {**SGD, "lr": 0.01, "weight_decay": 5e-4},
+         "regularization": [{"l1": 1e-5, "params": ["fc1.weight"]}]},
         {"name": "evaluate", "kind": "evaluate", "latency_repeats": 3},
     ], train_limit=4000)
     path = tmp / "recipe.yaml"
