@@ -51,7 +51,7 @@ def test_slimming_matches_the_masked_model(nnopt, write_recipe, tmp_path, model,
     the next layer's bias; conv channels feeding a Linear through Flatten remove whole column blocks."""
     recipe = synthetic_recipe(epochs=1)
     recipe["model"] = model
-    recipe["data"]["args"].update(shape=shape, num_train=256)
+    recipe["data"]["args"].update(shape=shape, num_train=256, num_test=64)  # 64: the probe batch it times
     recipe["stages"].insert(1, {"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.4,
                                 "parity_tolerance": 1e-5})
     run_dir, _ = run(nnopt, write_recipe, tmp_path, recipe)
