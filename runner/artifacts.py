@@ -97,46 +97,61 @@ def refuse_link(folder: Path) -> None:
                       "(remove the link or choose another output folder with -O)")
 
 
-def resumable_checkpoint(folder: Path, fingerprint: str) -> Path | None:
-    """The last checkpoint of an unfinished run of exactly this stage config, if there is one."""
-    checkpoint = folder / CHECKPOINTS / LAST_CHECKPOINT
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """The stage's checkpoint folder and those of its parts (a stage that trains several times, such as
+    `iterative_prune`, gives each fit its own subfolder: `round-1/checkpoint`, ...)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    found = [folder / CHECKPOINTS] if (folder / CHECKPOINTS).is_dir() else []
+    return found + sorted(part / CHECKPOINTS for part in folder.iterdir()
+                          if part.is_dir() and not part.is_symlink() and (part / CHECKPOINTS).is_dir())
+
+
+def resume_points(folder: Path, fingerprint: str) -> list[Path]:
+    """The last checkpoints of an unfinished run of exactly this stage config (owner mark = fingerprint)."""
     marker = folder / CHECKPOINTS / CHECKPOINT_OWNER
-    if folder.is_symlink() or not checkpoint.is_file() or not marker.is_file():
-        return None
-    return checkpoint if marker.read_text(encoding="utf-8").strip() == fingerprint else None
+    if folder.is_symlink() or not marker.is_file() or marker.read_text(encoding="utf-8").strip() != fingerprint:
+        return []
+    return [found / LAST_CHECKPOINT for found in _checkpoint_folders(folder) if (found / LAST_CHECKPOINT).is_file()]
 
 
-def checkpoint_position(folder: Path) -> dict:
-    """{"step": ..., "epoch": ...} of the stage's last checkpoint ({} if unknown)."""
+def checkpoint_position(checkpoint: Path) -> dict:
+    """{"step": ..., "epoch": ...} of a last.ckpt ({} if unknown)."""
     try:
-        return read_json(folder / CHECKPOINTS / CHECKPOINT_POSITION)
+        return read_json(checkpoint.with_name(CHECKPOINT_POSITION))
     except (OSError, ValueError):
         return {}
 
 
-def reset(folder: Path, fingerprint: str) -> Path:
+def reset(folder: Path, fingerprint: str) -> None:
     """A stage about to run starts from an empty folder: leftovers of an older run are never trusted,
-    except the checkpoint of an interrupted run of the same config (fingerprint), which it resumes.
-
-    Returns the checkpoint folder, marked with the fingerprint the checkpoints in it belong to."""
+    except the checkpoints of an interrupted run of the same config (fingerprint), which it resumes."""
     refuse_link(folder)
-    keep = resumable_checkpoint(folder, fingerprint) is not None
+    keep = set(_checkpoint_folders(folder)) if resume_points(folder, fingerprint) else set()
     if folder.exists():
         for entry in folder.iterdir():
-            if keep and entry.name == CHECKPOINTS:
+            if entry in keep:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    checkpoints = folder / CHECKPOINTS
-    checkpoints.mkdir(parents=True, exist_ok=True)
+            if entry / CHECKPOINTS in keep:  # a part's folder: only its checkpoints stay
+                for inner in entry.iterdir():
+                    if inner != entry / CHECKPOINTS:
+                        _remove(inner)
+                continue
+            _remove(entry)
+    (folder / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     if not keep:
-        write_text(checkpoints / CHECKPOINT_OWNER, fingerprint + "\n")
-    return checkpoints
+        write_text(folder / CHECKPOINTS / CHECKPOINT_OWNER, fingerprint + "\n")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def mark_done(folder: Path, fingerprint: str) -> None:
     write_text(folder / DONE, fingerprint + "\n")
-    # The finished artifact supersedes the resume point (optimizer state is often 2-3x the model).
-    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
+    # The finished artifact supersedes the resume points (optimizer state is often 2-3x the model).
+    for found in _checkpoint_folders(folder):
+        shutil.rmtree(found, ignore_errors=True)

@@ -41,7 +41,8 @@ def print_plan(plan, console: Console) -> None:
     style = {"run": "bold", "reuse": "cyan", "skip": "dim"}
     console.print("plan:")
     for step in plan:
-        console.print(f"  [{style[step.action]}]{step.action:<5}[/] {step.spec.name} ({step.spec.kind}): {step.reason}")
+        console.print(f"  [{style[step.action]}]{step.action:<5}[/] {step.spec.name} ({step.spec.kind}): {step.reason}",
+                      soft_wrap=True)
 
 
 def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = False, start: str | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from runner import __version__
-from runner.artifacts import checkpoint_position, is_done, resumable_checkpoint, stage_dir
+from runner.artifacts import checkpoint_position, is_done, resume_points, stage_dir
 from runner.errors import Issue, RecipeError
 from runner.registry import did_you_mean
 
@@ -63,10 +63,14 @@ def _why_not_reused(folder: Path, fingerprint: str) -> str:
         return "new"
     if (folder / "DONE").exists():
         return "config changed"
-    if resumable_checkpoint(folder, fingerprint) is not None:
-        position = checkpoint_position(folder)
-        where = f" at step {position['step']} (epoch {position['epoch']})" if position else ""
-        return f"unfinished: resumes from its last checkpoint{where}"
+    points = resume_points(folder, fingerprint)
+    if points:
+        where = []
+        for point in points:
+            position = checkpoint_position(point)
+            part = "" if point.parent.parent == folder else f"{point.parent.parent.name} "
+            where.append(f"{part}step {position['step']} (epoch {position['epoch']})" if position else part.strip())
+        return "unfinished: resumes from its last checkpoint" + (f" at {', '.join(w for w in where if w)}" if any(where) else "")
     return "unfinished artifact: redone"
 
 

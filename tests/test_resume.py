@@ -63,7 +63,8 @@ def uninterrupted(tmp_path_factory) -> tuple[dict, dict, dict]:
     return results(folder / "tiny")
 
 
-@pytest.mark.parametrize("count", [2, 3, 4], ids=["step16-before-validation", "end-of-epoch0", "mid-epoch1"])
+@pytest.mark.parametrize("count", [2, 3, 4, 10],
+                         ids=["step16-before-validation", "end-of-epoch0", "mid-epoch1", "after-the-fit"])
 def test_interrupted_training_resumes_bit_identical(nnopt, write_recipe, tmp_path, monkeypatch, uninterrupted, count):
     recipe, expected = write_recipe(resumable_recipe()), uninterrupted
 
@@ -75,13 +76,47 @@ def test_interrupted_training_resumes_bit_identical(nnopt, write_recipe, tmp_pat
     assert not (run_dir / "01-train" / "DONE").exists() and (run_dir / "01-train" / "checkpoint" / "last.ckpt").is_file()
 
     code, out, _ = nnopt("run", recipe, "-O", tmp_path / "interrupted")
-    assert code == 0 and "train (train): unfinished: resumes from its last checkpoint" in out
-    assert f"at step {saved[-1]}" in out
+    assert code == 0 and f"train (train): unfinished: resumes from its last checkpoint at step {saved[-1]}" in out
     train, evaluate, weights = results(run_dir)
     assert read_metrics(run_dir, "01-train")["resumed"] is True
     assert (train, evaluate) == expected[:2]
     assert weights.keys() == expected[2].keys() and all(torch.equal(weights[k], expected[2][k]) for k in weights)
     assert not (run_dir / "01-train" / "checkpoint").exists()  # superseded by the finished artifact
+
+
+def test_iterative_pruning_resumes_inside_its_rounds(nnopt, write_recipe, tmp_path, monkeypatch):
+    recipe = resumable_recipe()
+    recipe["stages"][0]["epochs"] = 1  # 4 checkpoints: steps 8, 16, end of epoch 0, end of the fit
+    retrain = {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}
+    recipe["stages"].insert(1, {"name": "rounds", "kind": "iterative_prune", "rounds": 2, "fraction": 0.5,
+                                "rewind": "init", "retrain": retrain})
+    path = write_recipe(recipe)
+    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 4 + 7 + 7 + 4)  # round 0 and 1 done (7 each), round 2 at step 24
+        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
+    with monkeypatch.context() as patch:
+        saved = interrupt_after_checkpoint(patch, 0)  # count only
+        code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
+    assert saved == [32, 32, 32]  # only round 2 trains again, from step 24: step 32, end of epoch 1, end of fit
+    assert code == 0 and ("rounds (iterative_prune): unfinished: resumes from its last checkpoint at "
+                          "round-0 step 32 (epoch 2), round-1 step 32 (epoch 2), round-2 step 24 (epoch 1)") in out
+    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    assert read_metrics(resumed, "02-rounds")["rounds"][1]["steps"] == 32
+    for folder in ("02-rounds", "03-evaluate"):
+        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
+        got = {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)}
+        assert {k: v for k, v in got.items() if k not in ("dense", "rounds")} == \
+            {k: v for k, v in expected.items() if k not in ("dense", "rounds")}
+        for key in ("dense", "rounds"):
+            if key in expected:
+                assert _untimed(got[key]) == _untimed(expected[key])
+
+
+def _untimed(metrics):
+    if isinstance(metrics, list):
+        return [_untimed(m) for m in metrics]
+    return {k: v for k, v in metrics.items() if not timing(k)}
 
 
 def test_checkpoint_of_another_config_is_not_resumed(nnopt, write_recipe, tmp_path, monkeypatch):
@@ -97,13 +132,13 @@ def test_checkpoint_of_another_config_is_not_resumed(nnopt, write_recipe, tmp_pa
 
 def test_finetune_of_a_pruned_model_resumes_with_its_masks(nnopt, write_recipe, tmp_path, monkeypatch):
     recipe = resumable_recipe()
-    recipe["stages"][0]["epochs"] = 2  # 6 checkpoints: steps 8, 16, end of epoch 0, 24, 32, end of epoch 1
+    recipe["stages"][0]["epochs"] = 2  # 7 checkpoints: steps 8, 16, end of epoch 0, 24, 32, end of epoch 1, of fit
     finetune = {"name": "finetune", "kind": "finetune", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}
     recipe["stages"][1:1] = [{"name": "prune", "kind": "prune", "sparsity": 0.8, "scope": "global"}, finetune]
     path = write_recipe(recipe)
     assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
     with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 6 + 4)  # finetune's step 24, mid-epoch 1
+        interrupt_after_checkpoint(patch, 7 + 4)  # finetune's step 24, mid-epoch 1
         assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
     code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
     assert code == 0 and "finetune (finetune): unfinished: resumes from its last checkpoint at step 24" in out
@@ -123,14 +158,14 @@ def test_qat_resumes_with_frozen_observers_and_batchnorm(nnopt, write_recipe, tm
     recipe = resumable_recipe()
     recipe["model"] = {"import": "tests.models:conv_bn"}
     recipe["data"]["args"]["shape"] = [1, 8, 8]
-    recipe["stages"][0]["epochs"] = 1  # 3 checkpoints: steps 8, 16, end of epoch 0
+    recipe["stages"][0]["epochs"] = 1  # 4 checkpoints: steps 8, 16, end of epoch 0, end of the fit
     qat = {"name": "qat", "kind": "quantize", "method": "qat", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.01},
            "freeze_observers_after": {"steps": 4}, "freeze_batchnorm_after": {"steps": 12}}
     recipe["stages"].insert(1, qat)
     path = write_recipe(recipe)
     assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
     with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 3 + 4)  # QAT's step 24: observers and BatchNorm frozen before it
+        interrupt_after_checkpoint(patch, 4 + 4)  # QAT's step 24: observers and BatchNorm frozen before it
         assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
     code, out, err = nnopt("run", path, "-O", tmp_path / "interrupted")
     assert code == 0 and "qat (quantize): unfinished: resumes from its last checkpoint at step 24" in out, err

@@ -56,6 +56,7 @@ class ResumePoints(Checkpoint):
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self._last_step_saved = -1
+        self._restored_metrics: dict = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -68,13 +69,21 @@ class ResumePoints(Checkpoint):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._save(trainer)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        # The finished fit, too: a stage interrupted after it (converting, pruning the next round,
+        # writing artifacts) restores this and goes on without training again.
+        if not trainer.interrupted:
+            self._save(trainer)
+
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # False: the full training state
         if trainer.is_global_zero:
             write_json(self.path.with_name(CHECKPOINT_POSITION), {"step": trainer.global_step, "epoch": trainer.current_epoch})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[EXTRA] = {"rng": _rng_states(), "transforms": transforms_of(_inner_model(pl_module))}
+        checkpoint[EXTRA] = {"rng": _rng_states(), "transforms": transforms_of(_inner_model(pl_module)),
+                             # the last logged values (val_loss of the last validation, ...), as the stage reports them
+                             "metrics": {k: v.detach().cpu() for k, v in trainer.callback_metrics.items()}}
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning hands the data loader its saved position only when it builds the loader after the
@@ -86,6 +95,13 @@ class ResumePoints(Checkpoint):
         # Called after the weights load and before training continues: the next draw is the one
         # the interrupted run would have made.
         _set_rng_states(checkpoint[EXTRA]["rng"])
+        self._restored_metrics = checkpoint[EXTRA]["metrics"]
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # Lightning clears the logged values when fit starts; what was last logged before the
+        # checkpoint (and not logged again since) is still what the stage reports.
+        for key, value in self._restored_metrics.items():
+            trainer.callback_metrics.setdefault(key, value)
 
 
 def _discard(path: Path, why: str) -> None:
