@@ -102,3 +102,16 @@ def test_every_torch_load_is_weights_only():
                 keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 calls.append((source.name, keywords.get("weights_only")))
     assert calls and all(value == "True" for _, value in calls), calls
+
+
+@pytest.mark.parametrize("field, value", [("name", "../escaped"), ("name", ".hidden"), ("name", "/tmp/abs"),
+                                          ("stage", "../../etc"), ("stage", "a/b"), ("stage", "")])
+def test_names_cannot_leave_the_output_folder(nnopt, write_recipe, tmp_path, field, value):
+    recipe = synthetic_recipe(epochs=1)
+    if field == "name":
+        recipe["name"] = value
+    else:
+        recipe["stages"][0]["name"] = value
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    assert code == 2 and ("should match pattern" in err or "at least 1 character" in err)
+    assert not (tmp_path / "out").exists()

@@ -84,6 +84,27 @@ def test_interrupted_training_resumes_bit_identical(nnopt, write_recipe, tmp_pat
     assert not (run_dir / "01-train" / "checkpoint").exists()  # superseded by the finished artifact
 
 
+def test_gradual_pruning_resumes_with_its_masks_schedule_and_generator(nnopt, write_recipe, tmp_path, monkeypatch):
+    recipe = resumable_recipe()
+    # Random selection draws from the callback's own generator: its state must come back too.
+    recipe["stages"][0]["gradual_pruning"] = {"sparsity": 0.8, "start": {"steps": 4}, "end": {"steps": 40},
+                                              "every": {"steps": 4}, "method": "random"}
+    path = write_recipe(recipe)
+    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 4)  # step 24: 6 of the 10 pruning events done
+        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
+    assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 0
+    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    for folder in ("01-train", "02-evaluate"):
+        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
+        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
+    assert len(read_metrics(resumed, "01-train")["gradual_pruning"]["pruned_at_steps"]) == 10
+    weights = torch.load(resumed / "01-train" / "model.pt", weights_only=True)
+    expected = torch.load(straight / "01-train" / "model.pt", weights_only=True)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
 def test_iterative_pruning_resumes_inside_its_rounds(nnopt, write_recipe, tmp_path, monkeypatch):
     recipe = resumable_recipe()
     recipe["stages"][0]["epochs"] = 1  # 4 checkpoints: steps 8, 16, end of epoch 0, end of the fit
