@@ -157,6 +157,13 @@ def _os_error_message(error: OSError) -> str:
     return str(error)
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """Host or device allocation failures (absurd sizes in a valid recipe), as torch and Python report them."""
+    text = str(error)
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
@@ -184,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # data unavailable, disk full, ...: a message, not a traceback
         from runner.data import DataUnavailable
 
+        if _out_of_memory(error):
+            err_console.print(f"[bold red]error[/]: out of memory: {escape(str(error).splitlines()[0][:300])}")
+            err_console.print("  [yellow]hint[/]: the recipe asks for more memory than this machine has: a smaller model "
+                              "(`model.args`), `data.batch_size` or `eval_batch_size`; finished stages are kept")
+            return EXIT_STAGE_FAILED
         if isinstance(error, OSError):
             err_console.print(f"[bold red]error[/]: {escape(_os_error_message(error))}")
             return EXIT_STAGE_FAILED

@@ -115,3 +115,10 @@ def test_names_cannot_leave_the_output_folder(nnopt, write_recipe, tmp_path, fie
     code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
     assert code == 2 and ("should match pattern" in err or "at least 1 character" in err)
     assert not (tmp_path / "out").exists()
+
+
+def test_absurd_model_size_is_an_out_of_memory_message(nnopt, write_recipe, tmp_path):
+    recipe = synthetic_recipe(epochs=1)
+    recipe["model"]["args"]["hidden"] = [10**11]  # valid by the schema; 12.8 TB of weights
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    assert code == 1 and "out of memory" in err and "smaller model" in err and "Traceback" not in err
