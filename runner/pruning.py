@@ -40,15 +40,17 @@ def mask_module(model: nn.Module, name: str) -> Mask | None:
     return next((p for p in module.parametrizations[attr] if isinstance(p, Mask)), None)
 
 
+def _register(model: nn.Module, name: str) -> None:
+    module_name, attr = _split(name)
+    module = model.get_submodule(module_name)
+    parametrize.register_parametrization(module, attr, Mask(getattr(module, attr).shape))
+
+
 def add_masks(model: nn.Module, names: list[str]) -> list[str]:
     """Give each named parameter an all-ones Mask if it has none; record the new ones for reloading."""
-    added = []
-    for name in names:
-        if mask_module(model, name) is None:
-            module_name, attr = _split(name)
-            module = model.get_submodule(module_name)
-            parametrize.register_parametrization(module, attr, Mask(getattr(module, attr).shape))
-            added.append(name)
+    added = [name for name in names if mask_module(model, name) is None]
+    for name in added:
+        _register(model, name)
     if added:
         record(model, "masks", params=added)
     return added
@@ -57,9 +59,7 @@ def add_masks(model: nn.Module, names: list[str]) -> list[str]:
 @TRANSFORMS.register("masks")
 def _replay_masks(model: nn.Module, params: list[str]) -> nn.Module:
     for name in params:
-        module_name, attr = _split(name)
-        module = model.get_submodule(module_name)
-        parametrize.register_parametrization(module, attr, Mask(getattr(module, attr).shape))
+        _register(model, name)
     return model
 
 
