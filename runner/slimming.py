@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from runner import pruning
 from runner.errors import StageError
-from runner.measure import latency_ms, named_tensors, parameter_stats, serialized_bytes
+from runner.measure import named_tensors, paired_latency_ms, parameter_stats, serialized_bytes
 from runner.rebuild import TRANSFORMS, record
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -191,6 +191,7 @@ def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torc
                          "neurons are removed only in sequential chains of Linear/Conv, BatchNorm, activations, "
                          "pooling and flatten (residual connections are not supported); use `granularity: weights`")
     targets = _targets(spec, layers)
+    training = model.training  # handed on as it came: a following fine-tune must not train in eval mode
     weights = named_tensors(model)
     keep, widths_before = {}, {}
     for name, target in targets.items():
@@ -212,7 +213,6 @@ def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torc
                 if _stored(layer, attr) is not None:
                     _stored(layer, attr)[dropped] = 0
     before = {"params_total_before": parameter_stats(model)["params_total"], "model_bytes_before": serialized_bytes(model)}
-    dense_latency = {b: latency_ms(masked, example[:b], 20, 3) for b in (1, len(example))}
 
     try:
         slimmed = slim(model, keep)
@@ -225,12 +225,11 @@ def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torc
     if difference > spec.parity_tolerance:
         raise StageError(spec.name, f"the slimmed model's outputs differ from the masked model's by {difference:.3g} "
                                     f"(tolerance {spec.parity_tolerance})", "this is a bug in nnopt; please report it")
-    slim_latency = {b: latency_ms(slimmed, example[:b], 20, 3) for b in (1, len(example))}
     metrics = {"widths_before": widths_before, "widths_after": {name: len(kept) for name, kept in keep.items()},
                "parity_max_abs_diff": difference, **before, "model_bytes": serialized_bytes(slimmed)}
     metrics.update(parameter_stats(slimmed))
-    for b in dense_latency:
-        metrics[f"latency_ms_b{b}_before"] = dense_latency[b]
-        metrics[f"latency_ms_b{b}"] = slim_latency[b]
-        metrics[f"latency_ratio_b{b}"] = round(slim_latency[b] / dense_latency[b], 3)  # slimmed / dense
-    return {"model": slimmed, **metrics}
+    for batch in (1, len(example)):
+        dense, slimmed_ms = paired_latency_ms([masked, slimmed], example[:batch], repeats=30, warmup=5)
+        metrics.update({f"latency_ms_b{batch}_before": dense, f"latency_ms_b{batch}": slimmed_ms,
+                        f"latency_ratio_b{batch}": round(slimmed_ms / dense, 3)})  # slimmed / dense
+    return {"model": slimmed.train(training), **metrics}
