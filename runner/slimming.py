@@ -228,8 +228,15 @@ def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torc
     metrics = {"widths_before": widths_before, "widths_after": {name: len(kept) for name, kept in keep.items()},
                "parity_max_abs_diff": difference, **before, "model_bytes": serialized_bytes(slimmed)}
     metrics.update(parameter_stats(slimmed))
-    for batch in (1, len(example)):
-        dense, slimmed_ms = paired_latency_ms([masked, slimmed], example[:batch], repeats=30, warmup=5)
-        metrics.update({f"latency_ms_b{batch}_before": dense, f"latency_ms_b{batch}": slimmed_ms,
-                        f"latency_ratio_b{batch}": round(slimmed_ms / dense, 3)})  # slimmed / dense
+    # One intra-op thread: on a shared machine a spinning thread pool swamps what slimming saves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in (1, len(example)):
+            dense, slimmed_ms = paired_latency_ms([masked, slimmed], example[:batch], repeats=30, warmup=5)
+            metrics.update({f"latency_ms_b{batch}_before": dense, f"latency_ms_b{batch}": slimmed_ms,
+                            f"latency_ratio_b{batch}": round(slimmed_ms / dense, 3)})  # slimmed / dense
+    finally:
+        torch.set_num_threads(threads)
+    metrics["latency_threads"] = 1
     return {"model": slimmed.train(training), **metrics}
