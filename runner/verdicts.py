@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from rich.markup import escape
 from rich.table import Table
 
 from runner.recipe.expect import RUN_METRICS, Expect
@@ -54,12 +55,15 @@ def _flatten(prefix: str, value, out: dict) -> None:
     if isinstance(value, dict):
         for key, inner in value.items():
             _flatten(f"{prefix}.{key}", inner, out)
+    elif isinstance(value, list):  # e.g. iterative_prune's rounds: `lth.rounds.2.val_acc`
+        for index, inner in enumerate(value):
+            _flatten(f"{prefix}.{index}", inner, out)
     elif _number(value):
         out[prefix] = value
 
 
 def flat_metrics(outcomes: list[dict]) -> dict[str, float]:
-    """Every numeric metric as `stage.metric` (nested ones as `stage.metric.key`, e.g.
+    """Every numeric metric as `stage.metric` (nested ones as `stage.metric.key` or `.index`, e.g.
     `evaluate.layer_sparsity.fc1.weight`), plus the run-level metrics: what expect rules name."""
     flat: dict[str, float] = {}
     for o in outcomes:
@@ -72,7 +76,7 @@ def flat_metrics(outcomes: list[dict]) -> dict[str, float]:
 class Verdict:
     metric: str
     rule: str
-    paper: float
+    paper: float | None  # None: the rule compares with another metric and the paper gives no number
     value: float | None  # None: no stage produced the metric
     std: float | None
     passed: bool
@@ -80,6 +84,11 @@ class Verdict:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _missing(metric: str) -> str:
+    what = RUN_METRICS.get(metric, "")
+    return f"no stage produced `{metric}`" + (f" ({what})" if what else "")
 
 
 def judge(expect: Expect | None, values: dict[str, float], spread: dict[str, float] | None = None) -> list[Verdict]:
@@ -93,13 +102,15 @@ def judge(expect: Expect | None, values: dict[str, float], spread: dict[str, flo
     verdicts = []
     for metric, rule in expect.metrics.items():
         value = values.get(metric)
-        if value is None:
-            what = RUN_METRICS.get(metric, "")
-            note = f"no stage produced `{metric}`" + (f" ({what})" if what else "")
-            verdicts.append(Verdict(metric, rule.describe(), rule.paper_figure(), None, None, False, note))
+        bound = values.get(rule.bound) if isinstance(rule.bound, str) else rule.bound
+        text, paper = rule.describe(), rule.paper_figure()
+        if isinstance(rule.bound, str) and bound is not None:
+            text += f" ({bound:.4g})"
+        if value is None or bound is None:
+            note = _missing(metric if value is None else rule.bound)
+            verdicts.append(Verdict(metric, text, paper, value, None, False, note))
         else:
-            verdicts.append(Verdict(metric, rule.describe(), rule.paper_figure(), value,
-                                    (spread or {}).get(metric), rule.passes(value)))
+            verdicts.append(Verdict(metric, text, paper, value, (spread or {}).get(metric), rule.passes(value, bound)))
     return verdicts
 
 
@@ -109,13 +120,17 @@ def format_value(value: float | None, std: float | None = None) -> str:
     return f"{value:.4g}" + (f" ± {std:.2g}" if std is not None else "")
 
 
+def _paper(figure: float | None) -> str:
+    return "-" if figure is None else f"{figure:.4g}"
+
+
 def verdict_table(source: str, verdicts: list[Verdict], runs: int = 1) -> Table:
     table = Table(title=f"expect: {source}" + (f" (mean of {runs} seeds)" if runs > 1 else ""))
     for column in ("metric", "paper", "rule", "run", "result"):
         table.add_column(column, justify="left" if column in ("metric", "result") else "right")
     for v in verdicts:
-        result = "[green]PASS[/]" if v.passed else "[bold red]FAIL[/]" + (f": {v.note}" if v.note else "")
-        table.add_row(v.metric, f"{v.paper:.4g}", v.rule, format_value(v.value, v.std), result)
+        result = "[green]PASS[/]" if v.passed else "[bold red]FAIL[/]" + (f": {escape(v.note)}" if v.note else "")
+        table.add_row(escape(v.metric), _paper(v.paper), escape(v.rule), format_value(v.value, v.std), result)
     return table
 
 
@@ -124,5 +139,5 @@ def verdict_lines(source: str, verdicts: list[Verdict]) -> list[str]:
     lines = [f"## Expected ({source})", "", "| metric | paper | rule | run | result |", "|---|---|---|---|---|"]
     for v in verdicts:
         result = "PASS" if v.passed else "FAIL" + (f": {v.note}" if v.note else "")
-        lines.append(f"| {v.metric} | {v.paper:.4g} | {v.rule} | {format_value(v.value, v.std)} | {result} |")
+        lines.append(f"| {v.metric} | {_paper(v.paper)} | {v.rule} | {format_value(v.value, v.std)} | {result} |")
     return lines + [""]

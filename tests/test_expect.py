@@ -25,6 +25,9 @@ def test_expect_pass_and_fail_on_a_real_run(nnopt, write_recipe, tmp_path):
         "test_error": {"at_most": 0.5, "paper": 0.3},
         "evaluate.test_acc": {"at_least": 1.01},  # above any accuracy: must FAIL
         "weights_kept": {"within": {"value": 1.0, "tolerance": 1e-9}},
+        # bounds may name another metric of the run
+        "evaluate.params_nonzero": {"within": {"value": "evaluate.params_total", "tolerance": 0}},
+        "evaluate.sparsity": {"at_least": "weights_kept"},  # 0 >= 1: must FAIL
     }}
     path = write_recipe(recipe_with(expect))
 
@@ -39,6 +42,8 @@ def test_expect_pass_and_fail_on_a_real_run(nnopt, write_recipe, tmp_path):
     assert verdicts["test_error"]["paper"] == 0.3
     assert verdicts["evaluate.test_acc"]["value"] == evaluated["test_acc"] and not verdicts["evaluate.test_acc"]["passed"]
     assert verdicts["weights_kept"]["value"] == evaluated["params_nonzero"] / evaluated["params_total"] == 1.0
+    assert verdicts["evaluate.params_nonzero"]["passed"] and verdicts["evaluate.params_nonzero"]["paper"] is None
+    assert not verdicts["evaluate.sparsity"]["passed"] and verdicts["evaluate.sparsity"]["rule"] == ">= weights_kept (1)"
     assert report["expect"]["passed"] is False
     assert "| evaluate.test_acc | 1.01 | >= 1.01 |" in (tmp_path / "tiny" / "report.md").read_text()
 
@@ -83,6 +88,8 @@ def test_a_metric_no_stage_produced_fails_with_a_reason(nnopt, write_recipe, tmp
     ({"test_error": {"at_most": 0.1, "at_least": 0.0}}, "expect.metrics.test_error", "test_error:", "exactly one of"),
     ({"test_error": {"within": {"value": 0.1}}}, "expect.metrics.test_error.within.tolerance", "within:", "missing"),
     ({"test_error": {"below": 0.1}}, "expect.metrics.test_error.below", "below:", "unknown field"),
+    ({"test_error": {"at_most": "evaluate.tset_error"}}, "expect.metrics.test_error.at_most", "at_most:",
+     "did you mean `test_error`?"),
 ])
 def test_bad_expect_blocks_are_located(nnopt, write_recipe, metrics, where, line_of, message):
     path = write_recipe(recipe_with({"source": "x", "metrics": metrics}))

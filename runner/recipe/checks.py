@@ -181,31 +181,39 @@ def check_seeds(recipe: Recipe, source: Source) -> list[Issue]:
 
 
 def check_expect(recipe: Recipe, source: Source) -> list[Issue]:
-    """Every expected metric must be one the run can produce: a run-level metric or `stage.metric`."""
+    """Every metric an expect rule names (as its subject or as its bound) must be one the run can
+    produce: a run-level metric or `stage.metric`."""
     if recipe.expect is None:
         return []
     stages = {stage.name: stage for stage in recipe.stages}
     issues = []
-    for metric in recipe.expect.metrics:
-        path = ("expect", "metrics", metric)
-        stage_name, dot, stage_metric = metric.partition(".")
-        if not dot:
-            if metric not in RUN_METRICS:
-                guess = did_you_mean(metric, list(RUN_METRICS))
-                issues.append(_issue(source, path, f"unknown run metric `{metric}`",
-                                     (guess + " " if guess else "") + "run metrics: " + ", ".join(RUN_METRICS)
-                                     + "; or name a stage's metric as `stage.metric`"))
-        elif stage_name not in stages:
-            guess = did_you_mean(stage_name, list(stages))
-            issues.append(_issue(source, path, f"`{metric}`: the recipe has no stage `{stage_name}`",
-                                 (guess + " " if guess else "") + "stages: " + ", ".join(stages)))
-        else:
-            patterns = stage_metric_patterns(stages[stage_name])
-            if patterns is not None and not reports(patterns, stage_metric):
-                guess = did_you_mean(stage_metric, [p for p in patterns if "*" not in p])
-                issues.append(_issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report "
-                                     f"`{stage_metric}`", (guess + " " if guess else "") + "it reports: " + ", ".join(patterns)))
+    for metric, rule in recipe.expect.metrics.items():
+        named = [(("expect", "metrics", metric), metric)]
+        if isinstance(rule.bound, str):
+            named.append((("expect", "metrics", metric, rule.kind) + (("value",) if rule.kind == "within" else ()),
+                          rule.bound))
+        issues += [issue for path, name in named if (issue := _metric_issue(source, path, name, stages))]
     return issues
+
+
+def _metric_issue(source: Source, path: tuple, metric: str, stages: dict) -> Issue | None:
+    stage_name, dot, stage_metric = metric.partition(".")
+    if not dot:
+        if metric in RUN_METRICS:
+            return None
+        guess = did_you_mean(metric, list(RUN_METRICS))
+        return _issue(source, path, f"unknown run metric `{metric}`", (guess + " " if guess else "") + "run metrics: "
+                      + ", ".join(RUN_METRICS) + "; or name a stage's metric as `stage.metric`")
+    if stage_name not in stages:
+        guess = did_you_mean(stage_name, list(stages))
+        return _issue(source, path, f"`{metric}`: the recipe has no stage `{stage_name}`",
+                      (guess + " " if guess else "") + "stages: " + ", ".join(stages))
+    patterns = stage_metric_patterns(stages[stage_name])
+    if patterns is not None and not reports(patterns, stage_metric):
+        guess = did_you_mean(stage_metric, [p for p in patterns if "*" not in p])
+        return _issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report `{stage_metric}`",
+                      (guess + " " if guess else "") + "it reports: " + ", ".join(patterns))
+    return None
 
 
 def _pruning_specs(recipe: Recipe):

@@ -10,18 +10,25 @@ from pydantic import Field, model_validator
 from runner.recipe.base import NonNegativeFloat, Spec
 
 
+# A bound is a number, or the name of another metric of the same run (`lth.dense.val_acc`): claims
+# like "the ticket is at least as accurate as the dense network" compare two measurements.
+MetricName = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.-]*$")]
+Bound = float | MetricName
+
+
 class Within(Spec):
-    value: float
+    value: Bound
     tolerance: NonNegativeFloat
+
 
 
 class Rule(Spec):
     """Exactly one of `at_most`, `at_least`, `within`; `paper` is the paper's own figure, shown beside the run's."""
 
-    at_most: float | None = None
-    at_least: float | None = None
+    at_most: Bound | None = None
+    at_least: Bound | None = None
     within: Within | None = None
-    paper: float | None = None  # default: the rule's bound (or `within.value`)
+    paper: float | None = None  # default: the rule's bound when it is a number
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -31,24 +38,32 @@ class Rule(Spec):
                              + (f" (got {', '.join(given)})" if given else ""))
         return self
 
-    def passes(self, value: float) -> bool:
-        if self.at_most is not None:
-            return value <= self.at_most
-        if self.at_least is not None:
-            return value >= self.at_least
-        return abs(value - self.within.value) <= self.within.tolerance
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("at_most", "at_least", "within") if getattr(self, name) is not None)
+
+    @property
+    def bound(self) -> float | str:
+        return self.within.value if self.within is not None else getattr(self, self.kind)
+
+    def passes(self, value: float, bound: float) -> bool:
+        """`bound` is the rule's bound with a metric name resolved to that metric's value."""
+        if self.kind == "at_most":
+            return value <= bound
+        if self.kind == "at_least":
+            return value >= bound
+        return abs(value - bound) <= self.within.tolerance
 
     def describe(self) -> str:
-        if self.at_most is not None:
-            return f"<= {self.at_most:g}"
-        if self.at_least is not None:
-            return f">= {self.at_least:g}"
-        return f"{self.within.value:g} ± {self.within.tolerance:g}"
+        bound = self.bound if isinstance(self.bound, str) else f"{self.bound:g}"
+        if self.kind == "within":
+            return f"{bound} ± {self.within.tolerance:g}"
+        return f"{'<=' if self.kind == 'at_most' else '>='} {bound}"
 
-    def paper_figure(self) -> float:
+    def paper_figure(self) -> float | None:
         if self.paper is not None:
             return self.paper
-        return next(v for v in (self.at_most, self.at_least) if v is not None) if self.within is None else self.within.value
+        return None if isinstance(self.bound, str) else self.bound
 
 
 class Expect(Spec):
