@@ -123,11 +123,11 @@ def checkpoint_position(checkpoint: Path) -> dict:
         return {}
 
 
-def reset(folder: Path, fingerprint: str) -> None:
+def reset(folder: Path, fingerprint: str, resume: bool = True) -> None:
     """A stage about to run starts from an empty folder: leftovers of an older run are never trusted,
-    except the checkpoints of an interrupted run of the same config (fingerprint), which it resumes."""
+    except (if `resume`) the checkpoints of an interrupted run of the same config (fingerprint)."""
     refuse_link(folder)
-    keep = set(_checkpoint_folders(folder)) if resume_points(folder, fingerprint) else set()
+    keep = set(_checkpoint_folders(folder)) if resume and resume_points(folder, fingerprint) else set()
     if folder.exists():
         for entry in folder.iterdir():
             if entry in keep:

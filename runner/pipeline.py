@@ -96,7 +96,7 @@ def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> 
             model, upstream_artifact = model_from_zero(ranks, recipe.model, loaded), None
         console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
         if ranks.is_zero:
-            artifacts.reset(step.folder, step.fingerprint)
+            artifacts.reset(step.folder, step.fingerprint, resume=step.resume)
         seed = recipe.seed + step.index
         pl.seed_everything(seed, verbose=False)
         everywhere = spec.runs_on_every_rank

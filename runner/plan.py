@@ -24,6 +24,7 @@ class PlannedStage:
     fingerprint: str
     action: Action
     reason: str
+    resume: bool = True  # False when a flag asked for this stage: it starts afresh, its checkpoints dropped
 
     @property
     def reuse(self) -> bool:
@@ -81,7 +82,8 @@ def make_plan(recipe, run_dir: Path, *, force: bool = False, start: str | None =
     Editing stage k changes the fingerprints of k and everything after it (each includes its
     upstream's), so k and later rerun and nothing before does. `force` reruns everything,
     `start` reruns that stage and the later ones, `only` runs one stage from its upstream's
-    finished artifact and skips the later ones.
+    finished artifact and skips the later ones; a stage a flag asked for starts afresh, never
+    from an interrupted run's checkpoint.
     """
     names = [spec.name for spec in recipe.stages]
     if start is not None and only is not None:
@@ -117,5 +119,6 @@ def make_plan(recipe, run_dir: Path, *, force: bool = False, start: str | None =
             action = "run"
             reason = "an earlier stage runs" if not all_reused else _why_not_reused(folders[index], prints[index])
         all_reused = all_reused and action == "reuse"
-        plan.append(PlannedStage(index, spec, folders[index], prints[index], action, reason))
+        flagged = reason.startswith("--")
+        plan.append(PlannedStage(index, spec, folders[index], prints[index], action, reason, resume=not flagged))
     return plan

@@ -140,6 +140,18 @@ def _untimed(metrics):
     return {k: v for k, v in metrics.items() if not timing(k)}
 
 
+def test_force_starts_an_interrupted_stage_afresh(nnopt, write_recipe, tmp_path, monkeypatch):
+    path = write_recipe(resumable_recipe())
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 4)
+        assert nnopt("run", path, "-O", tmp_path / "out")[0] == 130
+    with monkeypatch.context() as patch:
+        saved = interrupt_after_checkpoint(patch, 0)  # count only
+        code, out, _ = nnopt("run", path, "-O", tmp_path / "out", "--force")
+    assert code == 0 and "train (train): --force" in out and saved[0] == 8
+    assert "resumed" not in read_metrics(tmp_path / "out" / "tiny", "01-train")
+
+
 def test_checkpoint_of_another_config_is_not_resumed(nnopt, write_recipe, tmp_path, monkeypatch):
     recipe = resumable_recipe()
     with monkeypatch.context() as patch:

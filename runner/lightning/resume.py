@@ -42,13 +42,14 @@ def _inner_model(pl_module: pl.LightningModule) -> torch.nn.Module:
 
 
 class ResumePoints(Checkpoint):
-    """Writes `<stage>/checkpoint/last.ckpt` every `every_n_steps` optimizer steps and at the end of every
-    `every_n_epochs` epochs.
+    """Writes `<stage>/checkpoint/last.ckpt` every `every_n_steps` optimizer steps, at the end of every
+    `every_n_epochs` epochs, and when the fit ends.
 
     Lightning's checkpoint already holds the model, optimizers, schedulers, loop progress,
     callbacks' state dicts and the data loader's position; this adds what it leaves out: the
-    global RNG states and the transforms recorded on the model (pruning masks, quantized
-    modules), which must exist before the weights load. Lightning writes the file atomically.
+    global RNG states, the transforms recorded on the model (pruning masks, quantized modules),
+    which must exist before the weights load, and the last logged metrics. Lightning writes the
+    file atomically (temp file, then rename).
     """
 
     def __init__(self, stage_dir: Path, every_n_steps: int | None, every_n_epochs: int | None):
