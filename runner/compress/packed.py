@@ -64,33 +64,35 @@ def _sparse_streams(flat: np.ndarray, background: int, gap_bits: int) -> tuple[n
     return gaps, symbols
 
 
-def _candidates(writer: _Writer, tensor: torch.Tensor) -> dict:
-    """The smallest of raw, Huffman-coded and sparse+Huffman for an integer tensor."""
+_STREAM_HEADER = 80  # bytes a Huffman stream adds to the JSON header (lowest, offsets, nbits, count)
+
+
+def _stored_size(form: dict) -> int:
+    return sum(len(v) if isinstance(v, bytes) else len(v.lengths) + len(v.bits) + _STREAM_HEADER
+               for v in form.values() if isinstance(v, (bytes, huffman.Coded)))
+
+
+def _integer_entry(writer: _Writer, tensor: torch.Tensor) -> dict:
+    """An integer tensor (int8 weights, codebook indices) in whichever form is smallest on disk: raw bytes,
+    Huffman-coded symbols, or sparse (relative offsets and symbols, both Huffman-coded)."""
     flat = tensor.flatten().numpy().astype(np.int64)
-    shape = list(tensor.shape)
-    base = {"dtype": _dtype_name(tensor.dtype), "shape": shape}
-    options = [({"kind": "raw"}, [tensor.contiguous().numpy().tobytes()])]
+    forms = [{"kind": "raw", "blob": tensor.contiguous().numpy().tobytes()}]
     if flat.size:
-        coded = huffman.encode(flat)
-        options.append(({"kind": "huffman", "symbols": coded}, [coded.lengths, coded.bits]))
+        forms.append({"kind": "huffman", "symbols": huffman.encode(flat)})
         values, counts = np.unique(flat, return_counts=True)
-        background = int(values[np.argmax(counts)])
-        gap_bits = _gap_bits(tuple(shape))
+        background = int(values[np.argmax(counts)])  # 0 for pruned int8 weights, -1 for pruned codebook indices
+        gap_bits = _gap_bits(tuple(tensor.shape))
         gaps, symbols = _sparse_streams(flat, background, gap_bits)
-        if gaps.size:
-            coded_gaps, coded_symbols = huffman.encode(gaps), huffman.encode(symbols)
-            options.append(({"kind": "sparse", "background": background, "gap_bits": gap_bits,
-                             "gaps": coded_gaps, "symbols": coded_symbols},
-                            [coded_gaps.lengths, coded_gaps.bits, coded_symbols.lengths, coded_symbols.bits]))
-    entry, _ = min(options, key=lambda option: sum(len(b) for b in option[1]) + 40 * (len(option[1]) // 2))
-    out = dict(base, kind=entry["kind"])
-    if entry["kind"] == "raw":
-        out["blob"] = writer.blob(tensor.contiguous().numpy().tobytes())
-    for key, value in entry.items():
-        if key == "kind":
-            continue
-        out[key] = writer.stream(value) if isinstance(value, huffman.Coded) else value
-    return out
+        forms.append({"kind": "sparse", "background": background, "gap_bits": gap_bits,
+                      "gaps": huffman.encode(gaps), "symbols": huffman.encode(symbols)})
+    entry = {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+    for key, value in min(forms, key=_stored_size).items():
+        if isinstance(value, huffman.Coded):
+            value = writer.stream(value)
+        elif isinstance(value, bytes):
+            value = writer.blob(value)
+        entry[key] = value
+    return entry
 
 
 def _encode_value(writer: _Writer, value: Any) -> dict:
@@ -115,7 +117,7 @@ def _encode_value(writer: _Writer, value: Any) -> dict:
     if value.dtype.is_floating_point or value.dtype == torch.bool:
         return {"kind": "raw", "dtype": _dtype_name(value.dtype), "shape": list(value.shape),
                 "blob": writer.blob(value.contiguous().numpy().tobytes())}
-    return _candidates(writer, value)
+    return _integer_entry(writer, value)
 
 
 def encode(model: nn.Module, model_spec: dict) -> bytes:
