@@ -115,3 +115,12 @@ def test_pruning_below_existing_sparsity_fails_the_stage(nnopt, write_recipe, tm
     run_dir, err = run(nnopt, write_recipe, tmp_path, recipe, expect=1)
     assert "`fc1.weight` is already 79.98% sparse, above the target 50.00%" in " ".join(err.split())
     assert (run_dir / "02-prune" / "DONE").exists() and not (run_dir / "03-prune-less" / "DONE").exists()
+
+
+def test_finetune_after_evaluate_trains_in_train_mode(nnopt, write_recipe, tmp_path, recwarn):
+    """evaluate leaves the model in eval mode; fine-tuning it so would switch dropout off and freeze BatchNorm."""
+    recipe = with_prune(sparsity=0.5)
+    recipe["model"]["args"].update(dropout=0.2, batchnorm=True)
+    recipe["stages"].append({"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": SGD})
+    run(nnopt, write_recipe, tmp_path, recipe)
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]

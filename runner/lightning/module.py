@@ -128,6 +128,11 @@ class ClassifierModule(pl.LightningModule):
         checkpoint[_LOSSES] = {"losses": torch.stack(self._epoch_losses) if self._epoch_losses else torch.empty(0),
                                "logged_until": self._logged_until}
 
+    def on_fit_start(self) -> None:
+        # An earlier stage may hand the model on in eval mode (evaluate does), and Lightning keeps each
+        # module's mode: training it so would switch dropout off and freeze BatchNorm statistics.
+        self.model.train()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint of a pruned model names its masks; a fresh module gets them before the strict load.
         add_masks_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
