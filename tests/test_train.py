@@ -150,3 +150,18 @@ def test_rerun_reuses_finished_stages(nnopt, write_recipe, tmp_path):
     assert code == 0 and "reuse train" in out
     assert (run_dir / "01-train" / "model.pt").stat().st_mtime_ns == before
     torch.testing.assert_close(load_model(run_dir / "01-train").fc1.weight, load_model(run_dir / "02-evaluate").fc1.weight)
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_the_same_model(nnopt, write_recipe, tmp_path):
+    """trainer.compile is an opt-in speed switch: same math, plain model in the artifact."""
+    eager = synthetic_recipe(epochs=1)
+    compiled = synthetic_recipe(epochs=1)
+    compiled["trainer"]["compile"] = True
+    a = run(nnopt, write_recipe, tmp_path / "a", eager)
+    b = run(nnopt, write_recipe, tmp_path / "b", compiled)
+    assert read_metrics(b, "01-train")["val_loss"] == pytest.approx(read_metrics(a, "01-train")["val_loss"], rel=1e-4)
+    weights_a = torch.load(a / "01-train" / "model.pt", weights_only=True)
+    weights_b = torch.load(b / "01-train" / "model.pt", weights_only=True)
+    assert weights_a.keys() == weights_b.keys()  # no torch.compile wrapper in the saved model
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-4) for k in weights_a)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+from typing import Callable
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -33,12 +35,13 @@ class ClassifierModule(pl.LightningModule):
         self._penalties = self._match_penalties()
         self._epoch_losses: list[torch.Tensor] = []  # this epoch's detached step losses, logged in windows
         self._logged_until = 0
+        self._compiled: Callable | None = None  # set by CompiledForward for the length of a fit
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning stores the running hook's name on the module around every hook call, about 46
         # times per training step; nn.Module.__setattr__ spends its time there checking whether a
         # string is a Parameter, Module or buffer (about 5% of a LeNet-300-100 step on CPU).
-        if name == "_current_fx_name":
+        if name in ("_current_fx_name", "_compiled"):  # _compiled: not a submodule, so not in the state dict
             self.__dict__[name] = value
         else:
             super().__setattr__(name, value)
@@ -51,7 +54,10 @@ class ClassifierModule(pl.LightningModule):
                 for term in self.spec.regularization]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._compiled or self.model)(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.spec.loss.name == "mse":
@@ -74,7 +80,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self._loss(self.model(x), y)
+        loss = self._loss(self._logits(x), y)
         if self._penalties:
             loss = loss + self.penalty()
         if not torch.isfinite(loss.detach()):
@@ -111,7 +117,7 @@ class ClassifierModule(pl.LightningModule):
 
     def _evaluate(self, batch, prefix: str):
         x, y = batch
-        logits = self.model(x)
+        logits = self._logits(x)
         loss = self._loss(logits, y)
         acc = (logits.argmax(dim=1) == y).float().mean()
         self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True, prog_bar=True)
@@ -146,3 +152,16 @@ class ClassifierModule(pl.LightningModule):
         scheduler = build_scheduler(self.spec.schedule, self.spec.warmup, optimizer, steps_per_epoch,
                                     total_steps, self.spec.val_every_epochs)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class CompiledForward(pl.Callback):
+    """`trainer.compile: true`: the module's forward runs through torch.compile (TorchInductor) during fit.
+
+    The compiled wrapper is dropped at teardown, so the stage hands on (and saves) the plain model."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module._compiled = torch.compile(pl_module.model)
+
+    def teardown(self, trainer, pl_module, stage):
+        pl_module._compiled = None
+

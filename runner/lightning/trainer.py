@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
+from runner.lightning.module import CompiledForward
 from runner.lightning.resume import ResumePoints
 
 # Lightning warns that in-memory batches have no workers; that is the point of them. The other
@@ -50,6 +51,8 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, o
     settings = settings.with_override(override)
     callbacks = list(callbacks or [])
     callbacks.append(LearningRateMonitor(logging_interval="step", log_momentum=True))
+    if settings.compile:
+        callbacks.append(CompiledForward())
     if settings.checkpoint is not None:
         callbacks.append(ResumePoints(stage_dir, settings.checkpoint.every_n_steps, settings.checkpoint.every_n_epochs))
     show_progress = settings.progress_bar and sys.stdout.isatty()

@@ -87,6 +87,7 @@ class TrainerSpec(Spec):
     log_every_n_steps: PositiveInt = 50
     progress_bar: bool = True
     checkpoint: CheckpointSpec | None = CheckpointSpec()  # null: no resume points (a rerun restarts the stage)
+    compile: bool = False  # torch.compile the forward pass while training (opt-in: compiling takes tens of seconds)
 
     def with_override(self, override) -> "TrainerSpec":
         """These settings with a training block's own `trainer:` (a TrainerOverride, or None) applied."""

@@ -250,6 +250,7 @@ class TrainerOverride(Spec):
     precision: Precision | None = None
     accumulate_grad_batches: PositiveInt | None = None
     sync_batchnorm: bool | None = None
+    compile: bool | None = None
 
 
 # ---- gradual pruning inside a training stage -------------------------------------------------
