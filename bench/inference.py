@@ -11,12 +11,16 @@ from runner.deploy import fastest_path
 from runner.measure import latency_ms
 
 
+UNCHANGED = {"evaluate", "export"}  # stage kinds that pass their input model on as it is
+
+
 def find_artifacts(run_dir: Path) -> dict[str, torch.nn.Module]:
-    """`<recipe>/<NN-stage> (kind)` -> the reloaded model, for every stage folder of a run."""
+    """`<recipe>/<NN-stage> (kind)` -> the reloaded model, for every stage folder that changed the model."""
     found = {}
     for folder in sorted(p for p in run_dir.iterdir() if (p / MODEL_WEIGHTS).is_file()):
         kind = read_json(folder / CONFIG)["kind"]
-        found[f"{run_dir.name}/{folder.name} ({kind})"] = load_model(folder).eval()
+        if kind not in UNCHANGED:
+            found[f"{run_dir.name}/{folder.name} ({kind})"] = load_model(folder).eval()
     return found
 
 
