@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 START, END = "<!-- bench:start (written by python -m bench) -->", "<!-- bench:end -->"
-VARIANTS = {"plain_loop": "plain loop", "plain_loop_fused": "plain loop, fused SGD", "plain_lightning": "plain Lightning",
+VARIANTS = {"plain_loop": "plain loop", "plain_loop_foreach": "plain loop, foreach SGD", "plain_lightning": "plain Lightning",
             "nnopt": "nnopt train stage"}
 
 

@@ -62,7 +62,7 @@ def _loop(model_name: str, data, steps: int, fast: bool):
     model = _model(model_name)
     x, y = data.train
     clock = Clock()
-    optimizer = _sgd(model, fused=True) if fast else _sgd(model)
+    optimizer = _sgd(model, foreach=True) if fast else _sgd(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_cosine, steps=steps))
     model.train()
     step, epoch = 0, 0
@@ -88,8 +88,8 @@ def plain_loop(model_name: str, data, steps: int):
     return _loop(model_name, data, steps, fast=False)
 
 
-def plain_loop_fused(model_name: str, data, steps: int):
-    """The same loop with nnopt's data path and optimizer kernel: what is left is Lightning's cost."""
+def plain_loop_foreach(model_name: str, data, steps: int):
+    """The same loop with nnopt's data path and optimizer default (foreach): what is left is Lightning's cost."""
     return _loop(model_name, data, steps, fast=True)
 
 
@@ -145,7 +145,7 @@ def nnopt_stage(model_name: str, data, steps: int):
         return clock.stop(), result.model
 
 
-RUNNERS = {"plain_loop": plain_loop, "plain_loop_fused": plain_loop_fused, "plain_lightning": plain_lightning,
+RUNNERS = {"plain_loop": plain_loop, "plain_loop_foreach": plain_loop_foreach, "plain_lightning": plain_lightning,
            "nnopt": nnopt_stage}
 
 

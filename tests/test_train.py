@@ -165,3 +165,15 @@ def test_compiled_forward_trains_the_same_model(nnopt, write_recipe, tmp_path):
     weights_b = torch.load(b / "01-train" / "model.pt", weights_only=True)
     assert weights_a.keys() == weights_b.keys()  # no torch.compile wrapper in the saved model
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-4) for k in weights_a)
+
+
+def test_fused_optimizer_only_rounds_differently(nnopt, write_recipe, tmp_path):
+    """`implementation: fused` is the same update as the default foreach one, up to float rounding
+    (tests/test_bench.py checks that foreach equals torch's default bit for bit)."""
+    weights = {}
+    for implementation in ("foreach", "fused"):
+        optimizer = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+                     "implementation": implementation}
+        run_dir = run(nnopt, write_recipe, tmp_path / implementation, synthetic_recipe(optimizer=optimizer))
+        weights[implementation] = torch.load(run_dir / "01-train" / "model.pt", weights_only=True)
+    assert all(torch.allclose(weights["foreach"][k], weights["fused"][k], atol=1e-4) for k in weights["foreach"])

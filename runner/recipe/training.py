@@ -14,6 +14,9 @@ from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, Positi
 class SGD(Spec):
     name: Literal["sgd"]
     lr: PositiveFloat
+    # foreach: torch multi-tensor ops, bit for bit torch's default; fused: one kernel per step,
+    # faster still but rounds differently (CPU and CUDA only)
+    implementation: Literal["foreach", "fused"] = "foreach"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     dampening: Annotated[float, Field(ge=0, le=1)] = 0.0
     nesterov: bool = False
@@ -29,6 +32,9 @@ class SGD(Spec):
 class Adam(Spec):
     name: Literal["adam"]
     lr: PositiveFloat
+    # foreach: torch multi-tensor ops, bit for bit torch's default; fused: one kernel per step,
+    # faster still but rounds differently (CPU and CUDA only)
+    implementation: Literal["foreach", "fused"] = "foreach"
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.0
@@ -38,6 +44,9 @@ class Adam(Spec):
 class AdamW(Spec):
     name: Literal["adamw"]
     lr: PositiveFloat
+    # foreach: torch multi-tensor ops, bit for bit torch's default; fused: one kernel per step,
+    # faster still but rounds differently (CPU and CUDA only)
+    implementation: Literal["foreach", "fused"] = "foreach"
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.01
