@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
@@ -202,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, DataUnavailable):
             err_console.print(f"[bold red]error[/]: {escape(str(error))}")
             return EXIT_STAGE_FAILED
-        raise
+        if os.environ.get("NNOPT_DEBUG"):
+            raise
+        # Anything else is a bug in nnopt or in user code behind `import:`; say where, keep it short.
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        err_console.print(f"[bold red]error[/]: unexpected {type(error).__name__}: {escape(str(error)[:300])}")
+        err_console.print(f"  at {escape(frame.filename)}:{frame.lineno} in {escape(frame.name)}")
+        err_console.print("  [yellow]hint[/]: finished stages are kept; set NNOPT_DEBUG=1 to see the full traceback "
+                          "and please report it if the code is nnopt's")
+        return EXIT_STAGE_FAILED
 
 
 if __name__ == "__main__":

@@ -118,3 +118,23 @@ def test_cli_process_prints_no_traceback(write_recipe):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "unknown field `epoch`" in done.stderr
+
+
+def test_a_crash_in_user_code_is_a_short_message(write_recipe, nnopt, tmp_path, monkeypatch):
+    """`import:` code that fails at run time gets a one-screen message, not a traceback."""
+    (tmp_path / "broken_models.py").write_text(
+        "import torch\n"
+        "class Broken(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(32, 10)\n"
+        "    def forward(self, x):\n"
+        "        raise IndexError('class 12 out of range')\n"
+        "def build():\n"
+        "    return Broken()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = synthetic_recipe()
+    recipe["model"] = {"import": "broken_models:build"}
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    assert code == 1 and "Traceback" not in err
+    assert "unexpected IndexError: class 12 out of range" in err and "broken_models.py" in err
