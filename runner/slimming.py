@@ -141,7 +141,8 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         carried = constant.repeat_interleave(spread)[columns]
         if bool(carried.any()):
             weight = following.weight.detach()  # as the forward pass sees it (masks applied)
-            if following.bias is None or (isinstance(following, WEIGHTED[1:]) and following.padding not in (0, (0,), (0, 0))):
+            pads = isinstance(following, WEIGHTED[1:]) and following.padding not in (0, (0,), (0, 0))
+            if following.bias is None or pads:
                 raise Unsupported(f"removed neurons of `{name}` output a nonzero constant that `{next_name}` "
                                   "cannot absorb (it has no bias, or pads its input)")
             spatial = tuple(range(2, weight.dim()))
@@ -176,7 +177,8 @@ def _targets(spec, layers: list[tuple[str, nn.Module]]) -> dict[str, float]:
     prunable, output = [f"{name}.weight" for name in weighted[:-1]], f"{weighted[-1]}.weight"
     for pattern in spec.sparsity if isinstance(spec.sparsity, dict) else []:
         if pruning.unmatched_patterns([pattern], prunable):
-            hint = (f"`{weighted[-1]}` produces the model's outputs" if not pruning.unmatched_patterns([pattern], [output])
+            is_output = not pruning.unmatched_patterns([pattern], [output])
+            hint = (f"`{weighted[-1]}` produces the model's outputs" if is_output
                     else "layers: " + ", ".join(weighted[:-1]))
             raise StageError(spec.name, f"`{pattern}` matches no layer whose neurons can be removed", hint)
     return {name.rpartition(".")[0]: value for name, value in pruning.layer_targets(prunable, spec.sparsity).items()}
@@ -212,7 +214,8 @@ def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torc
             for attr in ("weight", "bias"):
                 if _stored(layer, attr) is not None:
                     _stored(layer, attr)[dropped] = 0
-    before = {"params_total_before": parameter_stats(model)["params_total"], "model_bytes_before": serialized_bytes(model)}
+    before = {"params_total_before": parameter_stats(model)["params_total"],
+              "model_bytes_before": serialized_bytes(model)}
 
     try:
         slimmed = slim(model, keep)

@@ -43,7 +43,7 @@ def test_agp_formula_at_its_ends():
 
 
 def test_window_outside_the_stage_fails_loudly(nnopt, write_recipe, tmp_path):
-    recipe = synthetic_recipe(gradual_pruning={**AGP, "end": {"epochs": 3}})  # step 48: after the last step
+    recipe = synthetic_recipe(gradual_pruning={**AGP, "end": {"steps": 48}})  # after the last step (47)
     _, err = run(nnopt, write_recipe, tmp_path, recipe, expect=1)
     assert "window (steps 4 to 48) must lie inside the stage's 48 steps" in err
 
@@ -78,6 +78,8 @@ def test_checkpoint_of_a_masked_model_loads_into_a_fresh_module(nnopt, write_rec
     ({**AGP, "end": {"steps": 10, "epochs": 1}}, "exactly one of `epochs`, `steps` or `fraction`"),
     ({**AGP, "initial_sparsity": 0.9}, "must be at least `initial_sparsity`"),
     ({**AGP, "sparsity": {"fc7": 0.5}}, "`fc7` matches no prunable layer"),
+    ({**AGP, "end": {"epochs": 3}}, "ends at epochs 3, not inside the stage's 3"),
+    ({**AGP, "start": {"epochs": 2.5}}, "starts at epochs 2.5, not before its end 2"),
 ])
 def test_bad_gradual_specs_are_located_errors(nnopt, write_recipe, agp, message):
     code, _, err = nnopt("validate", write_recipe(synthetic_recipe(gradual_pruning=agp)))

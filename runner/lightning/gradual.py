@@ -59,7 +59,8 @@ class GradualPruning(Callback):
 
     def targets_at(self, step: int) -> dict[str, float]:
         start, end = self.events[0], self.events[-1]
-        return {n: agp_sparsity(step, start, end, self.spec.initial_sparsity, final) for n, final in self.finals.items()}
+        initial = self.spec.initial_sparsity
+        return {name: agp_sparsity(step, start, end, initial, final) for name, final in self.finals.items()}
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:

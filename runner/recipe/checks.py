@@ -108,6 +108,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
 
     issues += _check_optional_packages(recipe, source)
     issues += _check_trainer(recipe, source)
+    issues += _check_gradual_windows(recipe, source)
     issues += check_seeds(recipe, source) + check_expect(recipe, source)
     if not issues:
         issues += _check_param_patterns(recipe, source)
@@ -214,6 +215,28 @@ def _metric_issue(source: Source, path: tuple, metric: str, stages: dict) -> Iss
         return _issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report `{stage_metric}`",
                       (guess + " " if guess else "") + "it reports: " + ", ".join(patterns))
     return None
+
+
+def _check_gradual_windows(recipe: Recipe, source: Source) -> list[Issue]:
+    """A gradual-pruning window given in the stage's own unit must end inside the stage (the last prune
+    happens at `end`); other units are checked once the data length is known."""
+    issues = []
+    for i, stage in enumerate(recipe.stages):
+        schedule = getattr(stage, "gradual_pruning", None)
+        if schedule is None:
+            continue
+        for unit, length in (("epochs", stage.epochs), ("steps", stage.steps)):
+            start, end = getattr(schedule.start, unit), getattr(schedule.end, unit)
+            if length is not None and end is not None and end >= length:
+                issues.append(_issue(source, ("stages", i, "gradual_pruning", "end", unit),
+                                     f"the gradual pruning window ends at {unit} {end:g}, "
+                                     f"not inside the stage's {length}",
+                                     f"end it before {unit} {length} so the final sparsity is reached and held"))
+            if start is not None and end is not None and start >= end:
+                issues.append(_issue(source, ("stages", i, "gradual_pruning", "start", unit),
+                                     f"the gradual pruning window starts at {unit} {start:g}, "
+                                     f"not before its end {end:g}"))
+    return issues
 
 
 def _pruning_specs(recipe: Recipe):
