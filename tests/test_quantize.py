@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from runner.artifacts import MODEL_WEIGHTS, load_model
 from runner.compress.packed import read_packed
 from runner.data.mnist import mnist
+from runner.models.mlp import mlp
 from tests.conftest import mnist_recipe, read_metrics
 
 TRAIN = {"name": "train", "kind": "train", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}
@@ -131,3 +133,22 @@ def test_int8_of_a_residual_network_fails_clearly(nnopt, write_recipe, tmp_path,
     assert code == 1
     assert f"{method} cannot quantize this model" in err and "aten::add" in err
     assert not (tmp_path / "res" / "01-q" / "logs").exists()  # QAT failed before any training
+
+
+@pytest.mark.parametrize("model", [
+    mlp(hidden=[16], in_features=8, batchnorm=True),  # fused Linear+BatchNorm (LinearBn1d)
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)),
+], ids=["linear_bn", "conv_bn"])
+def test_freezing_batchnorm_stops_its_statistics(model):
+    from runner.compress import int8
+
+    prepared, _ = int8.prepare(model, qat=True, weights="per_tensor")
+    prepared.train()
+    example = torch.randn(32, 8) if isinstance(model[1], nn.Linear) else torch.randn(32, 1, 8, 8)
+    prepared(example)
+    int8.freeze_batchnorm(prepared)
+    before = {k: v.clone() for k, v in prepared.state_dict().items() if "running_mean" in k}
+    assert before
+    prepared(example * 3 + 1)
+    after = {k: v for k, v in prepared.state_dict().items() if "running_mean" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)

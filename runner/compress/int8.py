@@ -191,7 +191,11 @@ def resume_observers(prepared: nn.Module) -> None:
 
 
 def freeze_batchnorm(prepared: nn.Module) -> None:
-    prepared.apply(nniqat.freeze_bn_stats)
+    # torch's nniqat.freeze_bn_stats knows only the Conv+BatchNorm modules; fused Linear+BatchNorm
+    # (LinearBn1d, the MLPs' case) has the same method and was silently left updating its statistics.
+    for module in prepared.modules():
+        if isinstance(module, nni._FusedModule) and callable(getattr(module, "freeze_bn_stats", None)):
+            module.freeze_bn_stats()
 
 
 @TRANSFORMS.register("int8")
