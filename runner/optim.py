@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from runner.lightning.units import to_steps
 from runner.recipe import training as spec
 
 
@@ -75,7 +76,7 @@ def build_scheduler(schedule, warmup, optimizer: torch.optim.Optimizer, steps_pe
                 "monitor": schedule.monitor, "strict": True}
     warmup_steps = 0
     if warmup is not None:
-        warmup_steps = warmup.steps if warmup.steps is not None else max(1, round(warmup.epochs * steps_per_epoch))
+        warmup_steps = max(1, to_steps(warmup, steps_per_epoch, total_steps))
     main = _factor_fn(schedule, base_lr, steps_per_epoch, total_steps, warmup_steps)
 
     def factor(step: int) -> float:

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Sparsity, Spec
 from runner.recipe.training import (
+    Point,
     BatchSizeFinder,
     Constant,
     CrossEntropy,
@@ -150,19 +151,6 @@ class EvaluateStage(Spec):
     latency_repeats: Annotated[int, Field(ge=3)] = 30
     latency_warmup: Annotated[int, Field(ge=0)] = 5
     threads: PositiveInt | None = None  # torch threads during timing; default: as the process has
-
-
-class Point(Spec):
-    """A moment inside a training stage: after this many epochs (fractions allowed) or optimizer steps."""
-
-    epochs: PositiveFloat | None = None
-    steps: PositiveInt | None = None
-
-    @model_validator(mode="after")
-    def _one_unit(self):
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("give exactly one of `epochs` or `steps`")
-        return self
 
 
 class DynamicInt8(Spec):

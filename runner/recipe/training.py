@@ -175,18 +175,23 @@ SCHEDULE_NAMES = ["constant", "step", "multistep", "exponential", "cosine", "lin
                   "reduce_on_plateau", "piecewise", "inv"]
 
 
-class Warmup(Spec):
-    """Linear warmup from start_factor * lr to lr, then the schedule runs over the rest of the stage."""
+class Point(Spec):
+    """A moment inside a training stage: after this many epochs (fractions allowed) or optimizer steps."""
 
     epochs: PositiveFloat | None = None
     steps: PositiveInt | None = None
-    start_factor: Annotated[float, Field(gt=0, le=1)] = 0.01
 
     @model_validator(mode="after")
     def _one_unit(self):
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of `epochs` or `steps`")
         return self
+
+
+class Warmup(Point):
+    """Linear warmup from start_factor * lr to lr, then the schedule runs over the rest of the stage."""
+
+    start_factor: Annotated[float, Field(gt=0, le=1)] = 0.01
 
 
 # ---- loss and regularization ------------------------------------------------------------------

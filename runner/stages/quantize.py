@@ -9,18 +9,13 @@ from runner.compress import int8, sharing
 from runner.compress.packed import write_packed
 from runner.errors import StageError
 from runner.lightning.module import ClassifierModule
+from runner.lightning.units import stage_length, to_steps
 from runner.measure import accuracy, dense_fp32_bytes, serialized_bytes
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 from runner.stages.train import fit
 
 PACKED_FILE = "model.dcz"  # the compressed artifact: sparse offsets, codebook indices, Huffman (Han 2016 §3-4)
-
-
-def _steps(point, steps_per_epoch: int) -> int | None:
-    if point is None:
-        return None
-    return point.steps if point.steps is not None else round(point.epochs * steps_per_epoch)
 
 
 class FreezeQuantization(pl.Callback):
@@ -30,10 +25,17 @@ class FreezeQuantization(pl.Callback):
     while Lightning validates.
     """
 
-    def __init__(self, observers_at: int | None, batchnorm_at: int | None):
-        self.observers_at, self.batchnorm_at = observers_at, batchnorm_at
+    def __init__(self, observers_after, batchnorm_after):
+        self.observers_after, self.batchnorm_after = observers_after, batchnorm_after  # Point specs or None
+        self.observers_at: int | None = None  # optimizer steps, resolved once the data is attached
+        self.batchnorm_at: int | None = None
         self.observers_frozen_at: int | None = None
         self.batchnorm_frozen_at: int | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        steps_per_epoch, total = stage_length(trainer)
+        self.observers_at, self.batchnorm_at = (None if point is None else to_steps(point, steps_per_epoch, total)
+                                                for point in (self.observers_after, self.batchnorm_after))
 
     def on_train_start(self, trainer, pl_module):
         # Resuming from a checkpoint: `freeze_bn` is a plain attribute, not in the state dict, so what the
@@ -89,9 +91,7 @@ def _qat(spec, model, ctx: StageContext):
     example = data.test[0][:2]
     prepared, groups = int8.prepare(model, qat=True, weights=spec.weights)
     int8.convert(prepared, example)  # fail now, before training, if the int8 model cannot run
-    steps_per_epoch = len(data.train_dataloader())
-    freeze = FreezeQuantization(_steps(spec.freeze_observers_after, steps_per_epoch),
-                                _steps(spec.freeze_batchnorm_after, steps_per_epoch))
+    freeze = FreezeQuantization(spec.freeze_observers_after, spec.freeze_batchnorm_after)
     module = ClassifierModule(prepared, spec, data.num_classes)
     metrics = fit(spec, module, ctx, callbacks=[freeze])
     metrics.update(observers_frozen_at_step=freeze.observers_frozen_at, batchnorm_frozen_at_step=freeze.batchnorm_frozen_at)
