@@ -41,16 +41,11 @@ class Adam(Spec):
     amsgrad: bool = False
 
 
-class AdamW(Spec):
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019), hence a nonzero default."""
+
     name: Literal["adamw"]
-    lr: PositiveFloat
-    # foreach: torch multi-tensor ops, bit for bit torch's default; fused: one kernel per step,
-    # faster still but rounds differently (CPU and CUDA only)
-    implementation: Literal["foreach", "fused"] = "foreach"
-    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
-    eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.01
-    amsgrad: bool = False
 
 
 class RMSprop(Spec):
