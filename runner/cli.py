@@ -166,6 +166,12 @@ def _out_of_memory(error: Exception) -> bool:
         "out of memory" in text or "can't allocate memory" in text))
 
 
+def _print_error(message: str, hint: str | None) -> None:
+    err_console.print(f"[bold red]error[/]: {escape(message)}")
+    if hint:
+        err_console.print(f"  [yellow]hint[/]: {escape(hint)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
@@ -175,15 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_recipe_error(error)
         return EXIT_BAD_INPUT
     except StageError as error:
-        err_console.print(f"[bold red]error[/]: stage `{escape(error.stage)}` failed: {escape(error.message)}")
-        if error.hint:
-            err_console.print(f"  [yellow]hint[/]: {escape(error.hint)}")
+        _print_error(f"stage `{error.stage}` failed: {error.message}", error.hint)
         err_console.print("  earlier stages' artifacts are complete and will be reused on the next run")
         return EXIT_STAGE_FAILED
     except RunError as error:
-        err_console.print(f"[bold red]error[/]: {escape(error.message)}")
-        if error.hint:
-            err_console.print(f"  [yellow]hint[/]: {escape(error.hint)}")
+        _print_error(error.message, error.hint)
         return EXIT_STAGE_FAILED
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: finished stages are kept and an interrupted training stage "
