@@ -109,7 +109,41 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def cmd_store(args) -> int:
+    from rich.table import Table
+
+    from runner.store import age, find_store, keep_setting, size_text
+
+    store = find_store(Path(args.folder))
+    if store is None:
+        raise RunError(f"no stage store in {args.folder} or the folders above it",
+                       "give the output folder of a recipe, e.g. outputs/<recipe name>")
+    keep = keep_setting(args.keep)
+    if args.prune:
+        removed = store.prune(keep)
+        if removed is None:
+            raise RunError(f"an nnopt run is using {store.root}", "prune once it has finished")
+        out_console.print(f"pruned {len(removed)} artifacts, {size_text(sum(e.size for e in removed))} freed")
+    entries = sorted(store.entries(), key=lambda e: (e.stage, -e.modified))
+    surplus = {e.folder for e in store.surplus(keep)}
+    table = Table(title=f"stage store {escape(store.root)}")
+    for column in ("stage", "fingerprint", "build", "state", "size", "age", "shown by"):
+        table.add_column(column, justify="right" if column in ("build", "size", "age") else "left")
+    for e in entries:
+        state = e.state + (" (prune removes)" if e.folder in surplus else "")
+        shown = ", ".join(str(p.relative_to(store.root.parent)) for p in e.used_by)
+        table.add_row(escape(e.stage), e.fingerprint, "building" if e.build is None else str(e.build), state,
+                      size_text(e.size), age(e.modified), escape(shown))
+    out_console.print(table)
+    total = size_text(sum(e.size for e in entries))
+    out_console.print(f"{len(entries)} artifacts, {total}; a prune keeps every current one and the newest {keep} other "
+                      f"configs per stage name" + (f": {len(surplus)} would go (--prune)" if surplus else ""))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from runner.store import DEFAULT_KEEP, KEEP_VARIABLE
+
     parser = argparse.ArgumentParser(prog="nnopt", description="Declarative neural-network optimization pipelines")
     parser.add_argument("--version", action="version", version=f"nnopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     seeds_option(sweep)
     sweep.set_defaults(handler=cmd_sweep)
     with_recipe("validate", "check a recipe without running anything").set_defaults(handler=cmd_validate)
+    store = commands.add_parser("store", help="list the finished stage artifacts kept for a recipe's output folder; prune them")
+    store.add_argument("folder", help="a recipe's output folder (outputs/<name>), or a run or stage folder in it")
+    store.add_argument("--prune", action="store_true", help="remove what the bound does not keep (never a current artifact)")
+    store.add_argument("--keep", metavar="N", help="configs kept per stage name besides the current ones "
+                       f"(default: ${KEEP_VARIABLE}, else {DEFAULT_KEEP})")
+    store.set_defaults(handler=cmd_store)
     commands.add_parser("schema", help="print the recipe JSON Schema").set_defaults(handler=cmd_schema)
     commands.add_parser("list", help="list stage kinds, models, data sets, optimizers, schedules").set_defaults(handler=cmd_list)
     return parser

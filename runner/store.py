@@ -352,3 +352,10 @@ def age(seconds: float, now: float | None = None) -> str:
         if elapsed >= size:
             return f"{int(elapsed // size)}{unit}"
     return f"{int(elapsed)}s"
+
+
+def size_text(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
