@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from runner.artifacts import CONFIG, MODEL_WEIGHTS, load_model, read_json
+from runner.artifacts import CONFIG
+from runner.files import read_json
+from runner.modelio import MODEL_WEIGHTS, load_model
 from runner.deploy import fastest_path
 from runner.measure import latency_ms
 

@@ -1,22 +1,13 @@
-"""Stage folders on disk: atomic writes, the model in a form that reloads without pickled code,
-metrics, the resolved config, and the DONE marker that is always written last."""
+"""The run folder's layout: numbered stage folders, their metrics, resolved config, resume checkpoints,
+and the DONE marker that is always written last. Models are saved and loaded by runner.modelio."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import nn
+from runner.files import read_json, write_text
 
-from runner.rebuild import replay, transforms_of
-
-MODEL_WEIGHTS = "model.pt"  # a plain state dict: loads with torch.load(weights_only=True)
-MODEL_STRUCTURE = "model.json"  # the registry name and arguments that rebuild the module tree
 METRICS = "metrics.json"
 CONFIG = "stage.json"
 DONE = "DONE"
@@ -28,61 +19,6 @@ CHECKPOINT_OWNER = "fingerprint"  # the stage fingerprint the checkpoints in CHE
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return run_dir / f"{index + 1:02d}-{name}"
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda handle: handle.write(data))
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def save_model(model: nn.Module, folder: Path, model_spec: dict) -> None:
-    _atomic(folder / MODEL_WEIGHTS, lambda handle: torch.save(model.state_dict(), handle))
-    write_json(folder / MODEL_STRUCTURE, {"model": model_spec, "transforms": transforms_of(model)})
-
-
-def load_model(folder: Path) -> nn.Module:
-    """Rebuild the module tree from model.json (spec + transforms) and load model.pt, no code unpickled."""
-    from runner.recipe.schema import ModelSpec
-
-    structure = read_json(folder / MODEL_STRUCTURE)
-    state = torch.load(folder / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
-    return rebuild(ModelSpec.model_validate(structure["model"]), structure.get("transforms", []), state)
-
-
-def rebuild(model_spec, transforms: list[dict], state: dict) -> nn.Module:
-    """A fresh model from its spec (a ModelSpec), replayed transforms and a state dict (strict)."""
-    import runner.stages  # noqa: F401  (registers the transforms that stages record)
-    from runner.models import build_model
-
-    model = replay(build_model(model_spec), transforms)
-    model.load_state_dict(state)
-    return model
 
 
 def is_done(folder: Path, fingerprint: str) -> bool:

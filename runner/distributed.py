@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from runner.errors import StageError
-from runner.rebuild import transforms_of
+from runner.transforms import transforms_of
 from runner.recipe.devices import world_size
 
 
@@ -119,6 +119,6 @@ def model_from_zero(ranks: Ranks, model_spec, model: nn.Module | None) -> nn.Mod
     payload = ranks.from_zero((transforms_of(model), model.state_dict()) if ranks.is_zero else None)
     if ranks.is_zero:
         return model
-    from runner.artifacts import rebuild
+    from runner.modelio import rebuild
 
     return rebuild(model_spec, *payload)

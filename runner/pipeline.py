@@ -1,4 +1,4 @@
-"""Run a validated recipe: plan, then each stage in order, writing artifacts as it goes."""
+"""Run a validated recipe: plan it, execute each planned stage in order, and commit each finished stage."""
 
 from __future__ import annotations
 
@@ -11,15 +11,18 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
+from torch import nn
 
-from runner import artifacts
+from runner import artifacts, modelio
+from runner.data.batches import build_data
 from runner.distributed import Ranks, buffers_from_zero, launch, model_from_zero, run_on_zero, state_digest
 from runner.errors import StageError
-from runner.data.batches import build_data
+from runner.files import read_json, write_json
 from runner.lightning.trainer import build_trainer
-from runner.models import build_model
 from runner.lock import run_lock
-from runner.plan import make_plan
+from runner.models import build_model
+from runner.outcome import StageOutcome
+from runner.plan import PlannedStage, make_plan
 from runner.report import summary_table, write_reports
 from runner.stages import STAGES, StageContext, StageResult
 from runner.verdicts import verdict_table
@@ -29,15 +32,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _load_upstream(folder: Path, stage: str):
-    try:
-        return artifacts.load_model(folder)
-    except Exception as error:  # tampered with or damaged after it was finished: never trusted, never unpickled
-        raise StageError(stage, f"the finished artifact it starts from, {folder}, does not load: {error}",
-                         f"delete {folder} (or rerun with --from {folder.name.split('-', 1)[1]}) to rebuild it") from None
-
-
-def print_plan(plan, console: Console) -> None:
+def print_plan(plan: list[PlannedStage], console: Console) -> None:
     style = {"run": "bold", "reuse": "cyan", "skip": "dim"}
     console.print("plan:")
     for step in plan:
@@ -46,8 +41,8 @@ def print_plan(plan, console: Console) -> None:
 
 
 def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = False, start: str | None = None,
-               only: str | None = None, run_dir: Path | None = None) -> list[dict]:
-    """Returns one outcome per stage (name, kind, status, seconds, metrics, folder).
+               only: str | None = None, run_dir: Path | None = None) -> list[StageOutcome]:
+    """Plan, execute and report one run; returns one outcome per stage.
 
     The run folder is `output_root/<recipe name>` unless `run_dir` says otherwise (seeds, sweep points).
 
@@ -55,7 +50,7 @@ def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = Fal
     other stage on global rank 0 (its model is then sent to the others); only rank 0 takes the
     run folder's lock, plans (the others follow its plan, whatever their view of the disk) and writes.
     """
-    run_dir = Path(run_dir) if run_dir is not None else Path(output_root) / recipe.name  # seeds, sweep points
+    run_dir = Path(run_dir) if run_dir is not None else Path(output_root) / recipe.name
     ranks = launch(recipe.trainer)
     if not ranks.is_zero:
         console = Console(quiet=True)
@@ -66,71 +61,117 @@ def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = Fal
             return make_plan(recipe, run_dir, force=force, start=start, only=only)
 
         plan = ranks.from_zero(run_on_zero(ranks, "plan", lock_and_plan))
-        return _run_locked(recipe, run_dir, console, plan, ranks)
-
-
-def _run_locked(recipe, run_dir: Path, console: Console, plan, ranks: Ranks) -> list[dict]:
-    print_plan(plan, console)
-    if recipe.trainer.threads is not None:
-        torch.set_num_threads(recipe.trainer.threads)
-    data = functools.cache(lambda: build_data(recipe.data, recipe.seed))
-    model_spec = recipe.model.model_dump(mode="json", by_alias=True, exclude_none=True)
-    started = _now()
-
-    pl.seed_everything(recipe.seed, verbose=False)
-    model = build_model(recipe.model)
-    upstream_artifact = None  # the folder the next running stage loads its model from, if not in memory
-    outcomes: list[dict] = []
-    results = {}
-    for step in plan:
-        spec = step.spec
-        outcome = {"name": spec.name, "kind": spec.kind, "status": {"reuse": "reused", "skip": "skipped"}.get(step.action, "ran"),
-                   "seconds": 0.0, "folder": str(step.folder), "fingerprint": step.fingerprint}
-        if step.action != "run":
-            upstream_artifact = step.folder
-            finished = ranks.is_zero and (step.action == "reuse" or artifacts.is_done(step.folder, step.fingerprint))
-            outcomes.append({**outcome, "metrics": artifacts.read_json(step.folder / artifacts.METRICS) if finished else {}})
-            continue
-        if upstream_artifact is not None:
-            loaded = _load_upstream(upstream_artifact, spec.name) if ranks.is_zero else None
-            model, upstream_artifact = model_from_zero(ranks, recipe.model, loaded), None
-        console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
-        if ranks.is_zero:
-            artifacts.reset(step.folder, step.fingerprint, resume=step.resume)
-        seed = recipe.seed + step.index
-        pl.seed_everything(seed, verbose=False)
-        everywhere = spec.runs_on_every_rank
-        settings = recipe.trainer if everywhere else recipe.trainer.one_process()
-        ctx = StageContext(
-            recipe=recipe, index=step.index, stage_dir=step.folder, data=data, seed=seed, upstream=results,
-            trainer=functools.partial(build_trainer, settings, step.folder),
-        )
-        start = time.perf_counter()
-        if everywhere:
-            ranks.from_zero(None)  # a barrier: every rank sees the folder (and any checkpoint to resume) after reset
-            result = STAGES.get(spec.kind)(spec, model, ctx)
-            if ranks.world_size > 1:
-                result.metrics["rank_digests"] = _same_on_every_rank(ranks, spec.name, result.model)
-        else:
-            result = run_on_zero(ranks, spec.name, lambda: STAGES.get(spec.kind)(spec, model, ctx))
-            result = StageResult(model_from_zero(ranks, recipe.model, result and result.model),
-                                 ranks.from_zero(result and result.metrics))
-        seconds = time.perf_counter() - start
-        model = result.model
-        results[spec.name] = result
-        if ranks.is_zero:
-            artifacts.save_model(model, step.folder, model_spec)
-            artifacts.write_json(step.folder / artifacts.METRICS, result.metrics)
-            artifacts.write_json(step.folder / artifacts.CONFIG, spec.model_dump(mode="json"))
-            artifacts.mark_done(step.folder, step.fingerprint)  # last: the stage is complete only now
-        outcomes.append({**outcome, "seconds": round(seconds, 3), "metrics": result.metrics})
-
-    verdicts = write_reports(run_dir, recipe, outcomes, started, _now()) if ranks.is_zero else []
+        print_plan(plan, console)
+        started = _now()
+        outcomes = execute(recipe, plan, console, ranks)
+        verdicts = write_reports(run_dir, recipe, outcomes, started, _now()) if ranks.is_zero else []
     console.print(summary_table(recipe.name, outcomes))
     if recipe.expect is not None:
         console.print(verdict_table(recipe.expect.source, verdicts))
     console.print(f"artifacts: {run_dir}  (report: {run_dir / 'report.md'})")
     return outcomes
+
+
+class _Models:
+    """The model handed from stage to stage, and the finished models of earlier stages by name.
+
+    A stage that is reused or skipped leaves its model on disk; it is loaded only when a later
+    stage runs (or asks for it by name), so a fully reused run loads nothing.
+    """
+
+    def __init__(self, recipe, ranks: Ranks):
+        self.recipe, self.ranks = recipe, ranks
+        self.current: nn.Module | None = build_model(recipe.model)
+        self.pending: Path | None = None  # the folder the next running stage loads its model from
+        self.finished: dict[str, Path] = {}  # stage name -> folder of its committed artifact
+
+    def passed_over(self, step: PlannedStage) -> None:
+        self.pending = step.folder
+        if step.action == "reuse":
+            self.finished[step.spec.name] = step.folder
+
+    def for_stage(self, name: str) -> nn.Module:
+        if self.pending is not None:
+            loaded = _load_finished(self.pending, name) if self.ranks.is_zero else None
+            self.current, self.pending = model_from_zero(self.ranks, self.recipe.model, loaded), None
+        return self.current
+
+    def load(self, asking: str, name: str) -> nn.Module:
+        """An earlier stage's finished model, fresh from its artifact (a later stage cannot change it)."""
+        if name not in self.finished:
+            raise StageError(asking, f"stage `{name}` has no finished model to load here",
+                             "name a stage that comes before this one and is not skipped")
+        return _load_finished(self.finished[name], asking)
+
+
+def _load_finished(folder: Path, stage: str) -> nn.Module:
+    try:
+        return modelio.load_model(folder)
+    except Exception as error:  # tampered with or damaged after it was finished: never trusted, never unpickled
+        raise StageError(stage, f"the finished artifact it starts from, {folder}, does not load: {error}",
+                         f"delete {folder} (or rerun with --from {folder.name.split('-', 1)[1]}) to rebuild it") from None
+
+
+def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks) -> list[StageOutcome]:
+    """Run the planned stages in order, committing each one that runs; reused and skipped ones are reported."""
+    if recipe.trainer.threads is not None:
+        torch.set_num_threads(recipe.trainer.threads)
+    data = functools.cache(lambda: build_data(recipe.data, recipe.seed))
+    pl.seed_everything(recipe.seed, verbose=False)
+    models = _Models(recipe, ranks)
+    outcomes: list[StageOutcome] = []
+    for step in plan:
+        spec = step.spec
+        if step.action != "run":
+            models.passed_over(step)
+            finished = ranks.is_zero and (step.action == "reuse" or artifacts.is_done(step.folder, step.fingerprint))
+            outcomes.append(StageOutcome(spec.name, spec.kind, "reused" if step.action == "reuse" else "skipped",
+                                         str(step.folder), step.fingerprint,
+                                         metrics=read_json(step.folder / artifacts.METRICS) if finished else {}))
+            continue
+        model = models.for_stage(spec.name)
+        console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
+        if ranks.is_zero:
+            artifacts.reset(step.folder, step.fingerprint, resume=step.resume)
+        seed = recipe.seed + step.index
+        pl.seed_everything(seed, verbose=False)
+        settings = recipe.trainer if spec.runs_on_every_rank else recipe.trainer.one_process()
+        ctx = StageContext(name=spec.name, folder=step.folder, seed=seed, data=data,
+                           trainer=functools.partial(build_trainer, settings), model_spec=recipe.model,
+                           load=functools.partial(models.load, spec.name))
+        start = time.perf_counter()
+        result = run_stage(spec, model, ctx, ranks, recipe.model)
+        seconds = time.perf_counter() - start
+        if ranks.is_zero:
+            commit_stage(step, result, recipe.model)
+        models.current = result.model
+        models.finished[spec.name] = step.folder
+        outcomes.append(StageOutcome(spec.name, spec.kind, "ran", str(step.folder), step.fingerprint,
+                                     round(seconds, 3), result.metrics))
+    return outcomes
+
+
+def run_stage(spec, model: nn.Module, ctx: StageContext, ranks: Ranks, model_spec) -> StageResult:
+    """A training stage runs on every rank (and the ranks must agree on the result); any other runs on rank 0
+    and its model is sent to the others."""
+    run = STAGES.get(spec.kind)
+    if spec.runs_on_every_rank:
+        ranks.from_zero(None)  # a barrier: every rank sees the folder (and any checkpoint to resume) after reset
+        result = run(spec, model, ctx)
+        if ranks.world_size > 1:
+            result.metrics["rank_digests"] = _same_on_every_rank(ranks, spec.name, result.model)
+        return result
+    result = run_on_zero(ranks, spec.name, lambda: run(spec, model, ctx))
+    return StageResult(model_from_zero(ranks, model_spec, result and result.model),
+                       ranks.from_zero(result and result.metrics))
+
+
+def commit_stage(step: PlannedStage, result: StageResult, model_spec) -> None:
+    """Write the finished stage's artifact: model, metrics and resolved config, then DONE, last."""
+    modelio.save_model(result.model, step.folder, model_spec)
+    write_json(step.folder / artifacts.METRICS, result.metrics)
+    write_json(step.folder / artifacts.CONFIG, step.spec.model_dump(mode="json"))
+    artifacts.mark_done(step.folder, step.fingerprint)  # last: the stage is complete only now
 
 
 def _same_on_every_rank(ranks: Ranks, stage: str, model) -> list[str]:

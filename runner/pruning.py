@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from runner.errors import StageError
 from runner.measure import named_tensors
-from runner.rebuild import TRANSFORMS, record
+from runner.transforms import TRANSFORMS, record
 
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -10,7 +10,8 @@ import torch
 from rich.table import Table
 
 from runner import __version__, plots
-from runner.artifacts import write_json, write_text
+from runner.files import write_json, write_text
+from runner.outcome import StageOutcome
 from runner.verdicts import Verdict, flat_metrics, judge, run_metrics, verdict_lines
 
 # The metrics worth a column in the one-row-per-stage summary, in this order.
@@ -31,39 +32,39 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _columns(outcomes: list[dict]) -> list[str]:
-    return [key for key in HEADLINE if any(key in o["metrics"] for o in outcomes)]
+def _columns(outcomes: list[StageOutcome]) -> list[str]:
+    return [key for key in HEADLINE if any(key in o.metrics for o in outcomes)]
 
 
-def summary_table(recipe_name: str, outcomes: list[dict]) -> Table:
+def summary_table(recipe_name: str, outcomes: list[StageOutcome]) -> Table:
     table = Table(title=f"nnopt run: {recipe_name}")
     for column in ["stage", "kind", "status", "seconds"] + _columns(outcomes):
         table.add_column(column, justify="left" if column in ("stage", "kind", "status") else "right")
     for o in outcomes:
-        table.add_row(o["name"], o["kind"], o["status"], f"{o['seconds']:.1f}",
-                      *(_cell(o["metrics"].get(c)) for c in _columns(outcomes)))
+        table.add_row(o.name, o.kind, o.status, f"{o.seconds:.1f}",
+                      *(_cell(o.metrics.get(c)) for c in _columns(outcomes)))
     return table
 
 
-def _final(outcomes: list[dict], key: str) -> dict:
+def _final(outcomes: list[StageOutcome], key: str) -> dict:
     """A per-layer mapping (layer_sparsity, layer_bits) as the last stage reporting it left it."""
     for outcome in reversed(outcomes):
-        if isinstance(outcome["metrics"].get(key), dict):
-            return outcome["metrics"][key]
+        if isinstance(outcome.metrics.get(key), dict):
+            return outcome.metrics[key]
     return {}
 
 
-def _plots(run_dir: Path, outcomes: list[dict], layers: dict[str, dict]) -> tuple[list[str], str | None]:
+def _plots(run_dir: Path, outcomes: list[StageOutcome], layers: dict[str, dict]) -> tuple[list[str], str | None]:
     """Training curves per training stage and per-layer bars; (relative paths, notice if skipped)."""
     notice = plots.missing_notice()
     if notice is not None:
         return [], notice
     drawn = []
     for o in outcomes:
-        log = Path(o["folder"]) / "logs" / "metrics.csv"
+        log = Path(o.folder) / "logs" / "metrics.csv"
         if log.is_file():
-            drawn.append(plots.training_curves(log, run_dir / "plots" / f"{Path(o['folder']).name}-curves.png",
-                                               f"{o['name']} ({o['kind']})"))
+            drawn.append(plots.training_curves(log, run_dir / "plots" / f"{Path(o.folder).name}-curves.png",
+                                               f"{o.name} ({o.kind})"))
     for key, label in (("layer_sparsity", "sparsity"), ("layer_bits", "bits")):
         if layers[key]:
             drawn.append(plots.layer_bars(layers[key], run_dir / "plots" / f"{key}.png", f"{label} per layer", label))
@@ -74,7 +75,7 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 
-def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, finished: str) -> list[Verdict]:
+def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: str, finished: str) -> list[Verdict]:
     """run.json (provenance), report.json and report.md (results, expect verdicts, plots); returns the verdicts."""
     write_json(run_dir / "run.json", {
         "recipe": recipe.model_dump(mode="json", by_alias=True),
@@ -83,7 +84,7 @@ def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, fin
         "threads": torch.get_num_threads(),
         "started": started,
         "finished": finished,
-        "stages": outcomes,
+        "stages": [o.to_json() for o in outcomes],
     })
     derived = run_metrics(outcomes)
     verdicts = judge(recipe.expect, flat_metrics(outcomes))
@@ -91,9 +92,9 @@ def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, fin
     drawn, notice = _plots(run_dir, outcomes, layers)
     write_json(run_dir / "report.json", {
         "name": recipe.name, "seed": recipe.seed, "started": started, "finished": finished,
-        "stages": [{"name": o["name"], "kind": o["kind"], "status": o["status"], "seconds": o["seconds"],
-                    "metrics": _scalars(o["metrics"]),
-                    **{key: o["metrics"][key] for key in ("layer_sparsity", "layer_bits") if key in o["metrics"]}}
+        "stages": [{"name": o.name, "kind": o.kind, "status": o.status, "seconds": o.seconds,
+                    "metrics": _scalars(o.metrics),
+                    **{key: o.metrics[key] for key in ("layer_sparsity", "layer_bits") if key in o.metrics}}
                    for o in outcomes],
         "run_metrics": derived,
         "layers": layers,
@@ -111,11 +112,11 @@ def write_reports(run_dir: Path, recipe, outcomes: list[dict], started: str, fin
              "| " + " | ".join(["stage", "kind", "status", "seconds"] + columns) + " |",
              "|" + "---|" * (4 + len(columns))]
     for o in outcomes:
-        cells = [o["name"], o["kind"], o["status"], f"{o['seconds']:.1f}"] + [_cell(o["metrics"].get(c)) for c in columns]
+        cells = [o.name, o.kind, o.status, f"{o.seconds:.1f}"] + [_cell(o.metrics.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {_cell(value)} |" for key, value in derived.items()]
-    final = next((o["metrics"] for o in reversed(outcomes) if "params_total" in o["metrics"]), {})
+    final = next((o.metrics for o in reversed(outcomes) if "params_total" in o.metrics), {})
     lines += [f"| {key} | {_cell(final[key])} |" for key in ("params_total", "params_nonzero", "model_bytes", "packed_bytes")
               if key in final]
     lines.append("")
@@ -151,7 +152,7 @@ def seeds_table(recipe_name: str, seeds: list[int], means: dict[str, float], spr
     return table
 
 
-def write_seed_report(run_dir: Path, recipe, run_dirs: list[Path], per_seed: list[dict], means: dict[str, float],
+def write_seed_report(run_dir: Path, recipe, run_dirs: list[Path], per_seed: list[StageOutcome], means: dict[str, float],
                       spread: dict[str, float], verdicts: list[Verdict]) -> None:
     """report.json and report.md over the seeds: every numeric metric's mean, std and per-seed values."""
     seeds = list(recipe.seeds)

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from runner import pruning
 from runner.errors import StageError
 from runner.measure import named_tensors, paired_latency_ms, parameter_stats, serialized_bytes
-from runner.rebuild import TRANSFORMS, record
+from runner.transforms import TRANSFORMS, record
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

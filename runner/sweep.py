@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner import artifacts, plots
+from runner.files import write_json, write_text
 from runner.errors import Issue, RecipeError
 from runner.experiment import Result, run_experiment, single_runs
 from runner.plan import make_plan
@@ -141,7 +142,7 @@ def write_summary(sweep_dir: Path, recipe, rows: list[dict], console: Console) -
         drawn = plots.tradeoff(rows, ["weights_kept", "bytes"], "test_acc", sweep_dir / "tradeoff.png",
                                f"{recipe.name}: test accuracy trade-off")
         notice = None if drawn is not None else "no trade-off plot: the points do not all report test_acc and weights_kept or bytes"
-    artifacts.write_json(sweep_dir / "sweep.json", {"recipe": recipe.name, "points": rows,
+    write_json(sweep_dir / "sweep.json", {"recipe": recipe.name, "points": rows,
                                                     "plot": drawn.name if drawn else None, "plot_notice": notice})
 
     def cell(row, key):
@@ -156,7 +157,7 @@ def write_summary(sweep_dir: Path, recipe, rows: list[dict], console: Console) -
     lines += ["| " + " | ".join([f"[{_md_escape(row['label'])}]({row['folder']}/report.md)"] + [cell(row, k) for k in columns[1:]])
               + " |" for row in rows]
     lines += ["", f"![trade-off]({drawn.name})" if drawn else notice, ""]
-    artifacts.write_text(sweep_dir / "sweep.md", "\n".join(lines))
+    write_text(sweep_dir / "sweep.md", "\n".join(lines))
 
     table = Table(title=f"nnopt sweep: {recipe.name}")
     for column in columns:

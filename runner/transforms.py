@@ -1,4 +1,4 @@
-"""Rebuilding a model that stages restructured, from data alone (no pickled code).
+"""Transforms: how stages record that they restructured a model, so it can be rebuilt from data alone.
 
 A model artifact is the registry spec plus an ordered list of transforms. A stage that changes
 the module tree (pruning masks as parametrizations, physical slimming, quantized modules)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from rich.markup import escape
 from rich.table import Table
 
+from runner.outcome import StageOutcome
 from runner.recipe.expect import RUN_METRICS, Expect
 
 
@@ -14,16 +15,16 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _last(outcomes: list[dict], *keys: str) -> dict | None:
+def _last(outcomes: list[StageOutcome], *keys: str) -> dict | None:
     """The metrics of the last stage that reported every one of `keys`."""
     for outcome in reversed(outcomes):
-        if all(_number(outcome["metrics"].get(key)) for key in keys):
-            return outcome["metrics"]
+        if all(_number(outcome.metrics.get(key)) for key in keys):
+            return outcome.metrics
     return None
 
 
-def _latency_ratio(outcomes: list[dict]) -> float | None:
-    measured = [o["metrics"] for o in outcomes if any(k.startswith("latency_ms_b") for k in o["metrics"])]
+def _latency_ratio(outcomes: list[StageOutcome]) -> float | None:
+    measured = [o.metrics for o in outcomes if any(k.startswith("latency_ms_b") for k in o.metrics)]
     if len(measured) < 2:
         return None
     first, final = measured[0], measured[-1]
@@ -33,7 +34,7 @@ def _latency_ratio(outcomes: list[dict]) -> float | None:
     return final[f"latency_ms_b{common[0]}"] / first[f"latency_ms_b{common[0]}"]
 
 
-def run_metrics(outcomes: list[dict]) -> dict[str, float]:
+def run_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
     """The run-level metrics of runner.recipe.expect.RUN_METRICS that this run's stages make computable."""
     derived: dict[str, float] = {}
     for key in ("test_error", "test_acc"):
@@ -47,7 +48,7 @@ def run_metrics(outcomes: list[dict]) -> dict[str, float]:
         derived["compression_ratio"] = metrics["dense_fp32_bytes"] / metrics["packed_bytes"]
     if (ratio := _latency_ratio(outcomes)) is not None:
         derived["latency_ratio"] = ratio
-    derived["wall_seconds"] = sum(o["seconds"] for o in outcomes)
+    derived["wall_seconds"] = sum(o.seconds for o in outcomes)
     return derived
 
 
@@ -62,12 +63,12 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-def flat_metrics(outcomes: list[dict]) -> dict[str, float]:
+def flat_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
     """Every numeric metric as `stage.metric` (nested ones as `stage.metric.key` or `.index`, e.g.
     `evaluate.layer_sparsity.fc1.weight`), plus the run-level metrics: what expect rules name."""
     flat: dict[str, float] = {}
     for o in outcomes:
-        _flatten(o["name"], o["metrics"], flat)
+        _flatten(o.name, o.metrics, flat)
     flat.update(run_metrics(outcomes))
     return flat
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runner.artifacts import load_model
+from runner.modelio import load_model
 from runner.deploy import CsrLinear, candidates
 from tests.conftest import read_metrics, synthetic_recipe
 

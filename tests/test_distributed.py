@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.artifacts import load_model
+from runner.modelio import load_model
 from runner.distributed import state_digest
 from runner.recipe.devices import Machine
 from tests.conftest import read_metrics, synthetic_recipe

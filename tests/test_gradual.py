@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.artifacts import load_model
+from runner.modelio import load_model
 from runner.lightning.gradual import agp_sparsity
 from runner.lightning.module import ClassifierModule
 from runner.recipe.schema import Recipe

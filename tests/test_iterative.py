@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.artifacts import load_model
+from runner.modelio import load_model
 from runner.measure import named_weights
 from tests.conftest import read_metrics, synthetic_recipe
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.artifacts import load_model
-from runner.compress.packed import read_packed
+from runner.modelio import load_model, load_packed
+
 from runner.data.mnist import mnist
 from tests.conftest import read_metrics
 
@@ -32,6 +32,6 @@ def test_prune_then_quant_recipe_keeps_zeros_and_packs_20x(nnopt, tmp_path):
         int8_zeros = quantized.get_submodule(f"module.{name}").weight().int_repr() == 0
         assert torch.equal(float_zeros, int8_zeros), name
     images = mnist().test[0][:500]
-    assert torch.equal(read_packed(run_dir / "04-quantize" / "model.dcz")(images), quantized(images))
+    assert torch.equal(load_packed(run_dir / "04-quantize" / "model.dcz")(images), quantized(images))
     export = read_metrics(run_dir, "06-export")
     assert export["onnx_max_abs_diff"] <= export["onnx_tolerance"] and export["onnx_argmax_agreement"] >= 0.99

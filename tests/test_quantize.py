@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from runner.artifacts import MODEL_WEIGHTS, load_model
-from runner.compress.packed import read_packed
+from runner.modelio import MODEL_WEIGHTS, load_model, load_packed
+
 from runner.data.mnist import mnist
 from runner.models.mlp import mlp
 from tests.conftest import mnist_recipe, read_metrics
@@ -51,7 +51,7 @@ def test_dynamic_int8_keeps_accuracy_stores_int8_and_reloads_exactly(nnopt, writ
     assert quant["packed_bytes"] == (run_dir / "02-int8" / "model.dcz").stat().st_size
     assert quant["size_ratio"] == pytest.approx(quant["dense_fp32_bytes"] / quant["packed_bytes"], rel=1e-3)
 
-    reloaded, unpacked = load_model(run_dir / "02-int8"), read_packed(run_dir / "02-int8" / "model.dcz")
+    reloaded, unpacked = load_model(run_dir / "02-int8"), load_packed(run_dir / "02-int8" / "model.dcz")
     images = _test_images()
     assert torch.equal(reloaded(images), unpacked(images))
     evaluation = read_metrics(run_dir, "03-evaluate")
@@ -75,7 +75,7 @@ def test_static_int8_on_lenet5_per_channel_histogram(nnopt, write_recipe, out_di
     assert conv.q_per_channel_scales().numel() == 20 and not conv.q_per_channel_zero_points().any()  # symmetric
     model = load_model(run_dir / "02-int8")
     images = _test_images()
-    assert torch.equal(model(images), read_packed(run_dir / "02-int8" / "model.dcz")(images))
+    assert torch.equal(model(images), load_packed(run_dir / "02-int8" / "model.dcz")(images))
 
 
 def test_weight_sharing_bounds_distinct_values_and_packs_smaller(nnopt, write_recipe, out_dir):
@@ -91,7 +91,7 @@ def test_weight_sharing_bounds_distinct_values_and_packs_smaller(nnopt, write_re
     # 4-5 bit indices, Huffman-coded: at least 6x below the dense fp32 artifact
     assert quant["size_ratio"] > 6
     images = _test_images()
-    unpacked = read_packed(run_dir / "02-share" / "model.dcz")
+    unpacked = load_packed(run_dir / "02-share" / "model.dcz")
     assert torch.equal(unpacked(images), load_model(run_dir / "02-share")(images))
     assert read_metrics(run_dir, "03-evaluate")["packed_bytes"] == quant["packed_bytes"]
 

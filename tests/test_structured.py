@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.artifacts import load_model
+from runner.modelio import load_model
 from tests.conftest import mnist_recipe, read_metrics, synthetic_recipe
 
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runner.measure import named_weights
-from runner.artifacts import load_model
+from runner.modelio import load_model
 from tests.conftest import mnist_recipe, read_metrics, synthetic_recipe
 
 

@@ -4,7 +4,7 @@ Why this API: torch 2.13 marks torch.ao.quantization deprecated in favour of tor
 torchao is not installed here and PT2E's output is a q/dq graph that is only fast once compiled by
 inductor and reloads only through torch.export archives. The eager path runs real int8 kernels
 without compilation and its state dict (int8 tensors in packed params) loads with
-torch.load(weights_only=True), so quantized models reload through runner.rebuild like any other.
+torch.load(weights_only=True), so quantized models reload through runner.modelio like any other.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from runner import pruning
-from runner.rebuild import TRANSFORMS, inherit, record
+from runner.transforms import TRANSFORMS, inherit, record
 
 warnings.filterwarnings("ignore", ".*torch.ao.quantization is deprecated.*")
 warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*")

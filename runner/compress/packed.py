@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from runner.compress import huffman
-from runner.rebuild import replay, transforms_of
+from runner.files import write_bytes
+from runner.transforms import transforms_of
 
 MAGIC = b"NNOPTDC1"
 
@@ -133,8 +134,6 @@ def encode(model: nn.Module, model_spec: dict) -> bytes:
 
 def write_packed(model: nn.Module, model_spec: dict, path: Path) -> int:
     """Write the compressed artifact; returns its size in bytes."""
-    from runner.artifacts import write_bytes
-
     data = encode(model, model_spec)
     write_bytes(Path(path), data)
     return len(data)
@@ -195,16 +194,3 @@ def decode_state(data: bytes) -> OrderedDict:
     state = OrderedDict((name, _decode_value(entry, payload)) for name, entry in header["entries"].items())
     state._metadata = OrderedDict((prefix, {"version": version}) for prefix, version in header["versions"].items())
     return state
-
-
-def read_packed(path: Path) -> nn.Module:
-    """Rebuild the exact model from a compressed artifact: registry spec, replayed transforms, decoded weights."""
-    import runner.stages  # noqa: F401  (registers the transforms that stages record)
-    from runner.models import build_model
-    from runner.recipe.schema import ModelSpec
-
-    data = Path(path).read_bytes()
-    header = read_header(data)
-    model = replay(build_model(ModelSpec.model_validate(header["model"])), header["transforms"])
-    model.load_state_dict(decode_state(data))
-    return model.eval()

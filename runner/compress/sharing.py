@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from runner.compress.int8 import bake_parametrizations
-from runner.rebuild import TRANSFORMS, record
+from runner.transforms import TRANSFORMS, record
 
 _SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRUNED = -1  # assignment of a pruned position: it reads the constant 0, never a centroid

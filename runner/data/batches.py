@@ -111,6 +111,15 @@ class InMemoryData(pl.LightningDataModule):
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train[0].shape[1:])
 
+    def split_size(self, split: str) -> int:
+        return len(getattr(self, split)[1])
+
+    def examples(self, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` examples of `split` (fewer if it is smaller), in its fixed order: the probes
+        that calibration, export checks and parity checks run."""
+        x, y = getattr(self, split)
+        return x[:count], y[:count]
+
     def _shard(self) -> dict:
         """Under a running multi-process fit each rank reads its share; anyone else reads everything."""
         trainer = self.trainer

@@ -7,12 +7,12 @@ from typing import Callable
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from runner.lightning.objective import build_objective
 from runner.lightning.units import stage_length
 from runner.measure import named_tensors
-from runner.optim import build_optimizer, build_scheduler
+from runner.lightning.optim import build_optimizer, build_scheduler
 from runner.pruning import add_masks_from_state_dict
 
 
@@ -24,7 +24,7 @@ _LOSSES = "nnopt_train_losses"  # our key in Lightning checkpoints
 
 
 class ClassifierModule(pl.LightningModule):
-    """Wraps a plain nn.Module; the stage spec supplies optimizer, schedule, loss, regularization."""
+    """Wraps a plain nn.Module; the stage spec supplies optimizer, schedule, objective, regularization."""
 
     def __init__(self, model: nn.Module, spec, num_classes: int):
         super().__init__()
@@ -32,6 +32,7 @@ class ClassifierModule(pl.LightningModule):
         self.spec = spec
         self.num_classes = num_classes
         self.lr = spec.optimizer.lr  # public: Lightning's LR finder writes its suggestion here
+        self.objective = build_objective(spec.loss, num_classes)
         self._penalties = self._match_penalties()
         self._epoch_losses: list[torch.Tensor] = []  # this epoch's detached step losses, logged in windows
         self._logged_until = 0
@@ -59,12 +60,6 @@ class ClassifierModule(pl.LightningModule):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return (self._compiled or self.model)(x)
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.spec.loss.name == "mse":
-            target = F.one_hot(y, self.num_classes).to(logits.dtype)
-            return F.mse_loss(logits.softmax(dim=1), target)
-        return F.cross_entropy(logits, y, label_smoothing=self.spec.loss.label_smoothing)
-
     def penalty(self) -> torch.Tensor | float:
         """The explicit L1/L2 terms added to the loss (Keras-style: a sum, not a mean)."""
         params = named_tensors(self.model)
@@ -80,7 +75,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self._loss(self._logits(x), y)
+        loss = self.objective(self._logits(x), y)
         if self._penalties:
             loss = loss + self.penalty()
         if not torch.isfinite(loss.detach()):
@@ -118,7 +113,7 @@ class ClassifierModule(pl.LightningModule):
     def _evaluate(self, batch, prefix: str):
         x, y = batch
         logits = self._logits(x)
-        loss = self._loss(logits, y)
+        loss = self.objective(logits, y)
         acc = (logits.argmax(dim=1) == y).float().mean()
         self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True, prog_bar=True)
         self.log(f"{prefix}_acc", acc, on_epoch=True, batch_size=len(y), sync_dist=True, prog_bar=True)

@@ -11,8 +11,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint
 
-from runner.artifacts import CHECKPOINT_POSITION, CHECKPOINTS, LAST_CHECKPOINT, write_json
-from runner.rebuild import replay, transforms_of
+from runner.artifacts import CHECKPOINT_POSITION, CHECKPOINTS, LAST_CHECKPOINT
+from runner.files import write_json
+from runner.transforms import replay, transforms_of
 
 EXTRA = "nnopt"  # our key in the checkpoint dict
 

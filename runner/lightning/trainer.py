@@ -89,8 +89,8 @@ def fitted_model(trainer: pl.Trainer, module: pl.LightningModule, model_spec) ->
     """
     from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    from runner.artifacts import rebuild
-    from runner.rebuild import transforms_of
+    from runner.modelio import rebuild
+    from runner.transforms import transforms_of
 
     if not isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
         return module.model

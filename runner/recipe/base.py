@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+import typing
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -15,6 +16,23 @@ class Spec(BaseModel):
     # A stage spec that trains sets this: under a multi-process strategy every rank runs it, while
     # any other stage runs on global rank 0 and its resulting model is sent to the others.
     runs_on_every_rank: ClassVar[bool] = False
+
+
+def variants(union) -> list[type]:
+    """The spec classes of an `Annotated[Union[...], Field(discriminator=...)]` (or of a single class)."""
+    inner = typing.get_args(union)[0] if typing.get_origin(union) is Annotated else union
+    if typing.get_origin(inner) is Union:
+        return [cls for member in typing.get_args(inner) for cls in variants(member)]
+    return [inner]
+
+
+def tag_values(union, field: str) -> list[str]:
+    """The values the discriminator `field` takes across a union's variants, in declaration order."""
+    values: list[str] = []
+    for cls in variants(union):
+        annotation = cls.model_fields[field].annotation
+        values += [v for v in typing.get_args(annotation) if typing.get_origin(annotation) is Literal and v not in values]
+    return values
 
 
 # A name that is safe as a folder name: it can never climb out of the output folder.

@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, model_validator
 
-from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Sparsity, Spec
+from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Sparsity, Spec, tag_values
 from runner.recipe.training import (
     Point,
     BatchSizeFinder,
@@ -213,4 +213,4 @@ class ExportStage(Spec):
 
 Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, IterativePruneStage, EvaluateStage, QuantizeStage, ExportStage],
                   Field(discriminator="kind")]
-STAGE_KINDS = ["train", "finetune", "prune", "iterative_prune", "evaluate", "quantize", "export"]
+STAGE_KINDS = tag_values(Stage, "kind")

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Sparsity, Spec
+from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Sparsity, Spec, tag_values
 
 # ---- optimizers -------------------------------------------------------------------------------
 
@@ -59,7 +59,7 @@ class RMSprop(Spec):
 
 
 Optimizer = Annotated[Union[SGD, Adam, AdamW, RMSprop], Field(discriminator="name")]
-OPTIMIZER_NAMES = ["sgd", "adam", "adamw", "rmsprop"]
+OPTIMIZER_NAMES = tag_values(Optimizer, "name")
 
 # ---- learning-rate schedules (milestones in epochs; fractional epochs allowed) -----------------
 
@@ -166,8 +166,7 @@ Schedule = Annotated[
     Union[Constant, StepDecay, MultiStep, Exponential, Cosine, Linear, OneCycle, ReduceOnPlateau, Piecewise, Inv],
     Field(discriminator="name"),
 ]
-SCHEDULE_NAMES = ["constant", "step", "multistep", "exponential", "cosine", "linear", "onecycle",
-                  "reduce_on_plateau", "piecewise", "inv"]
+SCHEDULE_NAMES = tag_values(Schedule, "name")
 
 
 class Point(Spec):

@@ -1,9 +1,8 @@
-"""The one interface every stage implements: `run(spec, model, ctx) -> StageResult`."""
+"""The one interface every stage implements: `run(spec, model, ctx) -> StageResult`, and the narrow context it gets."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -12,26 +11,27 @@ import pytorch_lightning as pl
 from torch import nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageContext:
-    """What a stage may use besides its spec and the model; nothing reaches into other stages."""
+    """What a stage may use besides its spec and the model: nothing of the recipe or of other stages
+    except the model description and the finished models of earlier stages, by name."""
 
-    recipe: Any  # the validated Recipe
-    index: int  # position in the recipe, 0-based
-    stage_dir: Path  # this stage's output folder; the stage may write extra files here
-    data: Callable[[], Any]  # the shared InMemoryData, built on first use
-    trainer: Callable[..., pl.Trainer]  # build_trainer bound to the recipe's trainer settings
+    name: str  # the stage's name in the recipe (a retrain round keeps its stage's name)
+    folder: Path  # this stage's output folder; the stage may write extra files here
     seed: int  # this stage's seed (already applied with seed_everything)
-    upstream: dict[str, "StageResult"] = field(default_factory=dict)  # earlier results by stage name
+    data: Callable[[], Any]  # the run's data module (the data contract of runner.data), built on first use
+    trainer: Callable[..., pl.Trainer]  # (folder, callbacks=..., override=..., **fit options) -> Trainer
+    model_spec: Any  # the recipe's ModelSpec: what rebuilds this architecture from scratch
+    load: Callable[[str], nn.Module]  # the finished model of an earlier stage, by stage name
+
+    def build_trainer(self, **options) -> pl.Trainer:
+        """A Trainer writing its logs and resume checkpoints into this context's folder."""
+        return self.trainer(self.folder, **options)
 
     def part(self, name: str) -> "StageContext":
         """The context of one fit of a stage that trains several times: its own folder for logs and resume
         checkpoints, so one round can never resume from another's checkpoint."""
-        folder = self.stage_dir / name
-        bound = self.trainer  # functools.partial(build_trainer, settings, stage_dir)
-        assert isinstance(bound, functools.partial) and bound.args[-1] == self.stage_dir
-        trainer = functools.partial(bound.func, *bound.args[:-1], folder, **bound.keywords)
-        return dataclasses.replace(self, stage_dir=folder, trainer=trainer)
+        return dataclasses.replace(self, folder=self.folder / name)
 
 
 @dataclass

@@ -8,8 +8,9 @@ from runner.compress.packed import encode
 from runner.deploy import fastest_path
 from runner.measure import (accuracy, dense_fp32_bytes, latency_ms, paired_latency_ms, parameter_stats,
                             serialized_bytes)
+from runner.modelio import spec_data
 from runner.models import build_model
-from runner.rebuild import transforms_of
+from runner.transforms import transforms_of
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
@@ -29,18 +30,17 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     metrics = {f"{spec.split}_{key}": value for key, value in scores.items()}
     metrics.update(parameter_stats(model))
     metrics["model_bytes"] = serialized_bytes(model)
-    model_spec = ctx.recipe.model.model_dump(mode="json", by_alias=True, exclude_none=True)
-    metrics["packed_bytes"] = len(encode(model, model_spec))  # what the compressed artifact of this model holds
-    metrics["dense_fp32_bytes"] = dense_fp32_bytes(ctx.recipe.model)
+    metrics["packed_bytes"] = len(encode(model, spec_data(ctx.model_spec)))  # what the compressed artifact of this model holds
+    metrics["dense_fp32_bytes"] = dense_fp32_bytes(ctx.model_spec)
     metrics["size_ratio"] = round(metrics["dense_fp32_bytes"] / metrics["packed_bytes"], 3)
 
     # An int8 model is timed against the dense fp32 model of the same architecture, in the same run.
-    reference = build_model(ctx.recipe.model).eval() if any(t["kind"] == "int8" for t in transforms_of(model)) else None
+    reference = build_model(ctx.model_spec).eval() if any(t["kind"] == "int8" for t in transforms_of(model)) else None
     threads_before = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     try:
-        images = data.test[0]
+        images = data.examples("test", max(spec.latency_batch_sizes))[0]
         metrics["latency_threads"] = torch.get_num_threads()
         for batch_size in spec.latency_batch_sizes:
             example = _example(images, batch_size)

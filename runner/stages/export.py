@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from runner.errors import StageError
-from runner.rebuild import transforms_of
+from runner.transforms import transforms_of
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
@@ -29,7 +29,7 @@ def _onnx(spec, model, example: torch.Tensor, expected: torch.Tensor, ctx: Stage
     if any(t["kind"] == "int8" and t["method"] == "dynamic_int8" for t in transforms_of(model)):
         raise StageError(spec.name, "ONNX has no operator for torch's dynamic int8 Linear (quantized::linear_dynamic)",
                          "quantize with method static_int8 or qat for an int8 ONNX model, or export only `torchscript`")
-    path = ctx.stage_dir / ONNX_FILE
+    path = ctx.folder / ONNX_FILE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         # dynamo=False: the TorchScript-based exporter is the one that maps int8 modules to QDQ operators
@@ -48,7 +48,7 @@ def _onnx(spec, model, example: torch.Tensor, expected: torch.Tensor, ctx: Stage
 
 
 def _torchscript(spec, model, example: torch.Tensor, expected: torch.Tensor, ctx: StageContext) -> dict:
-    path = ctx.stage_dir / TORCHSCRIPT_FILE
+    path = ctx.folder / TORCHSCRIPT_FILE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -64,7 +64,7 @@ def _torchscript(spec, model, example: torch.Tensor, expected: torch.Tensor, ctx
 @STAGES.register("export")
 def run(spec, model, ctx: StageContext) -> StageResult:
     model.eval()
-    example = ctx.data().test[0][:spec.check_examples]
+    example = ctx.data().examples("test", spec.check_examples)[0]
     with torch.inference_mode():
         expected = model(example)
     metrics: dict = {"check_examples": len(example)}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from runner import pruning
 from runner.errors import StageError
+from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
 from runner.measure import parameter_stats
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
-from runner.stages.train import fit
 
 
 @STAGES.register("finetune")

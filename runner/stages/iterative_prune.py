@@ -6,15 +6,15 @@ import torch
 
 from runner import pruning
 from runner.errors import StageError
+from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
 from runner.lightning.snapshot import WeightSnapshot
 from runner.measure import named_weights, parameter_stats
 from runner.models import build_model
 from runner.recipe.training import Constant, Moment
-from runner.rebuild import replay, transforms_of
+from runner.transforms import replay, transforms_of
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
-from runner.stages.train import fit
 
 _KEPT = ("train_loss", "val_loss", "val_acc", "steps", "final_lr", "fit_seconds")
 
@@ -32,7 +32,7 @@ def _fresh_weights(model, ctx: StageContext, round_index: int) -> dict[str, torc
     """A new random initialization of the same (possibly restructured) model: the re-init control."""
     with torch.random.fork_rng():
         torch.manual_seed(ctx.seed * 1000 + round_index)
-        fresh = replay(build_model(ctx.recipe.model), transforms_of(model))
+        fresh = replay(build_model(ctx.model_spec), transforms_of(model))
     return named_weights(fresh)
 
 

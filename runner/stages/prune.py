@@ -15,7 +15,7 @@ from runner.stages.base import StageContext, StageResult
 def run(spec, model, ctx: StageContext) -> StageResult:
     generator = torch.Generator().manual_seed(ctx.seed)
     if spec.granularity == "neurons":
-        example = ctx.data().test[0][:256]  # parity and latency probe
+        example = ctx.data().examples("test", 256)[0]  # parity and latency probe
         metrics = prune_neurons(spec, model, example, generator)
         return StageResult(metrics.pop("model"), metrics)
     targets = pruning.resolve_targets(spec.name, model, spec.sparsity, spec.params)

@@ -2,74 +2,27 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 
 from runner.compress import int8, sharing
-from runner.compress.packed import write_packed
 from runner.errors import StageError
+from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
-from runner.lightning.units import stage_length, to_steps
+from runner.lightning.qat import FreezeQuantization
 from runner.measure import accuracy, dense_fp32_bytes, serialized_bytes
+from runner.modelio import write_packed
+from runner.recipe.stages import DynamicInt8, QatInt8, StaticInt8, WeightSharing
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
-from runner.stages.train import fit
 
 PACKED_FILE = "model.dcz"  # the compressed artifact: sparse offsets, codebook indices, Huffman (Han 2016 §3-4)
 
 
-class FreezeQuantization(pl.Callback):
-    """Fixes the activation ranges, then the BatchNorm statistics, at the configured steps (Jacob et al. 2018 §3).
-
-    Validation never moves the ranges: torch's observers run in eval mode too, so they are paused
-    while Lightning validates.
-    """
-
-    def __init__(self, observers_after, batchnorm_after):
-        self.observers_after, self.batchnorm_after = observers_after, batchnorm_after  # Point specs or None
-        self.observers_at: int | None = None  # optimizer steps, resolved once the data is attached
-        self.batchnorm_at: int | None = None
-        self.observers_frozen_at: int | None = None
-        self.batchnorm_frozen_at: int | None = None
-
-    def setup(self, trainer, pl_module, stage):
-        steps_per_epoch, total = stage_length(trainer)
-        self.observers_at, self.batchnorm_at = (None if point is None else to_steps(point, steps_per_epoch, total)
-                                                for point in (self.observers_after, self.batchnorm_after))
-
-    def on_train_start(self, trainer, pl_module):
-        # Resuming from a checkpoint: `freeze_bn` is a plain attribute, not in the state dict, so what the
-        # restored state says was frozen must be frozen again before training goes on.
-        if self.observers_frozen_at is not None:
-            int8.freeze_observers(pl_module.model)
-        if self.batchnorm_frozen_at is not None:
-            int8.freeze_batchnorm(pl_module.model)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        step = trainer.global_step
-        if self.observers_frozen_at is None and self.observers_at is not None and step >= self.observers_at:
-            int8.freeze_observers(pl_module.model)
-            self.observers_frozen_at = step
-        if self.batchnorm_frozen_at is None and self.batchnorm_at is not None and step >= self.batchnorm_at:
-            int8.freeze_batchnorm(pl_module.model)
-            self.batchnorm_frozen_at = step
-
-    def on_validation_epoch_start(self, trainer, pl_module):
-        int8.freeze_observers(pl_module.model)
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if self.observers_frozen_at is None:
-            int8.resume_observers(pl_module.model)
-
-    def state_dict(self):
-        return {"observers_frozen_at": self.observers_frozen_at, "batchnorm_frozen_at": self.batchnorm_frozen_at}
-
-    def load_state_dict(self, state_dict):
-        self.observers_frozen_at = state_dict["observers_frozen_at"]
-        self.batchnorm_frozen_at = state_dict["batchnorm_frozen_at"]
+def _dynamic(spec: DynamicInt8, model, ctx: StageContext):
+    return int8.dynamic_int8(model), {}
 
 
-def _static(spec, model, ctx: StageContext):
+def _static(spec: StaticInt8, model, ctx: StageContext):
     data = ctx.data()
     batches = data.train_dataloader()
     if spec.calibration_batches > len(batches):
@@ -81,14 +34,14 @@ def _static(spec, model, ctx: StageContext):
             if index == spec.calibration_batches:
                 break
             prepared(x)
-    quantized = int8.convert(prepared, data.test[0][:2])
+    quantized = int8.convert(prepared, data.examples("test", 2)[0])
     return int8.finish_static(quantized, model, method="static_int8", weights=spec.weights, observer=spec.observer,
                               groups=groups), {"calibration_examples": spec.calibration_batches * data.batch_size}
 
 
-def _qat(spec, model, ctx: StageContext):
+def _qat(spec: QatInt8, model, ctx: StageContext):
     data = ctx.data()
-    example = data.test[0][:2]
+    example = data.examples("test", 2)[0]
     prepared, groups = int8.prepare(model, qat=True, weights=spec.weights)
     int8.convert(prepared, example)  # fail now, before training, if the int8 model cannot run
     freeze = FreezeQuantization(spec.freeze_observers_after, spec.freeze_batchnorm_after)
@@ -100,7 +53,7 @@ def _qat(spec, model, ctx: StageContext):
                               groups=groups), metrics
 
 
-def _weight_sharing(spec, model, ctx: StageContext):
+def _weight_sharing(spec: WeightSharing, model, ctx: StageContext):
     shared, metrics = sharing.share_weights(model, spec.bits, spec.kmeans_iterations)
     if spec.finetune is not None:
         module = ClassifierModule(shared, spec.finetune, ctx.data().num_classes)
@@ -110,28 +63,24 @@ def _weight_sharing(spec, model, ctx: StageContext):
     return shared, metrics
 
 
+# One implementation per spec class of the quantize union (tests/test_architecture.py checks it is complete).
+METHODS = {DynamicInt8: _dynamic, StaticInt8: _static, QatInt8: _qat, WeightSharing: _weight_sharing}
+
+
 @STAGES.register("quantize")
 def run(spec, model, ctx: StageContext) -> StageResult:
     model.eval()
     val = ctx.data().val_dataloader()
     before = accuracy(model, val)
     try:
-        if spec.method == "dynamic_int8":
-            quantized, metrics = int8.dynamic_int8(model), {}
-        elif spec.method == "static_int8":
-            quantized, metrics = _static(spec, model, ctx)
-        elif spec.method == "qat":
-            quantized, metrics = _qat(spec, model, ctx)
-        else:
-            quantized, metrics = _weight_sharing(spec, model, ctx)
+        quantized, metrics = METHODS[type(spec)](spec, model, ctx)
     except int8.UnsupportedModel as err:
         raise StageError(spec.name, f"{spec.method} cannot quantize this model: {err}",
                          "dynamic_int8 needs no int8 kernel for other layers; static int8 and QAT need every "
                          "operation in int8 (a residual `+` in forward() is not)") from None
     after = accuracy(quantized.eval(), val)
-    model_spec = ctx.recipe.model.model_dump(mode="json", by_alias=True, exclude_none=True)
-    packed_bytes = write_packed(quantized, model_spec, ctx.stage_dir / PACKED_FILE)
-    dense = dense_fp32_bytes(ctx.recipe.model)
+    packed_bytes = write_packed(quantized, ctx.model_spec, ctx.folder / PACKED_FILE)
+    dense = dense_fp32_bytes(ctx.model_spec)
     metrics.update(
         val_acc_before=before["acc"], val_acc=after["acc"], val_acc_drop=round(before["acc"] - after["acc"], 6),
         model_bytes=serialized_bytes(quantized), packed_bytes=packed_bytes, dense_fp32_bytes=dense,

@@ -1,0 +1,109 @@
+"""`fit`: tune (if asked) and train a ClassifierModule with Lightning; the shared body of every stage that trains."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+
+import torch
+from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.tuner import Tuner
+
+from runner.errors import StageError
+from runner.lightning.gradual import GradualPruning
+from runner.lightning.module import ClassifierModule, NonFiniteLoss
+from runner.lightning.resume import prepare_resume
+from runner.lightning.trainer import fitted_model
+
+
+@contextlib.contextmanager
+def interrupts_reach_us(trainer):
+    """Lightning turns Ctrl-C into sys.exit(1) and leaves SIGINT ignored; give the CLI its KeyboardInterrupt
+    back (it prints how to resume and exits 130) and restore the handler."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> dict:
+    """Train `module` as the Training spec `spec` says (it may be a sub-spec, such as a retrain round);
+    `ctx` is the stage's StageContext. Returns the fit's metrics."""
+    data = ctx.data()
+    callbacks = list(callbacks or [])
+    gradual = GradualPruning(spec.gradual_pruning, ctx.name, ctx.seed) if spec.gradual_pruning else None
+    if gradual is not None:
+        callbacks.append(gradual)
+    # Lightning's deterministic=True switches torch to deterministic algorithms for the whole process;
+    # scope it to this fit, since int8 kernels (quantized conv) refuse to run under that switch.
+    determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if spec.early_stopping is not None:
+        es = spec.early_stopping
+        callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
+                                       patience=es.patience, min_delta=es.min_delta))
+    trainer = ctx.build_trainer(
+        callbacks=callbacks,
+        override=spec.trainer,
+        max_epochs=spec.epochs if spec.epochs is not None else -1,
+        max_steps=spec.steps if spec.steps is not None else -1,
+        gradient_clip_val=spec.gradient_clip,
+        gradient_clip_algorithm=spec.gradient_clip_algorithm if spec.gradient_clip else None,
+        check_val_every_n_epoch=spec.val_every_epochs,
+    )
+    metrics: dict = {}
+    with interrupts_reach_us(trainer):
+        _tune(spec, module, data, trainer, metrics, ctx.name)
+        # After tuning: the tuners start from the stage's initial weights, exactly as the first run did.
+        checkpoint = prepare_resume(ctx.folder, module)
+        start = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
+        except NonFiniteLoss as error:
+            raise StageError(ctx.name, str(error), "the learning rate is probably too high: lower `optimizer.lr`, "
+                             "add `warmup` or `gradient_clip`; check the data for NaN or infinite values") from None
+        finally:
+            torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+            data.trainer = None  # later direct reads (evaluate, calibration) see the whole split, unsharded
+        wall = time.perf_counter() - start
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    module.model = fitted_model(trainer, module, ctx.model_spec)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    for key in ("train_loss", "val_loss", "val_acc"):
+        if key in logged:
+            metrics[key] = logged[key]
+    samples = trainer.global_step * data.batch_size * trainer.accumulate_grad_batches  # batch_size is global
+    metrics.update(epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=round(wall, 3),
+                   samples_per_second=round(samples / wall, 1) if wall > 0 else None,
+                   final_lr=trainer.optimizers[0].param_groups[0]["lr"])
+    if checkpoint is not None:
+        metrics["resumed"] = True  # fit_seconds and samples_per_second cover the resumed part only
+    if gradual is not None:
+        metrics["gradual_pruning"] = gradual.summary(module.model)
+    return metrics
+
+
+def _tune(spec, module: ClassifierModule, data, trainer, metrics: dict, stage: str) -> None:
+    tuner = Tuner(trainer)
+    if spec.batch_size_finder is not None:
+        found = spec.batch_size_finder
+        metrics["batch_size_found"] = tuner.scale_batch_size(
+            module, datamodule=data, mode=found.mode, steps_per_trial=found.steps_per_trial, init_val=data.batch_size,
+            max_trials=found.max_trials)
+    if spec.lr_finder is not None:
+        finder = tuner.lr_find(module, datamodule=data, min_lr=spec.lr_finder.min_lr,
+                               max_lr=spec.lr_finder.max_lr, num_training=spec.lr_finder.num_steps)
+        if finder is None or finder.suggestion() is None:
+            raise StageError(stage, "the learning-rate finder found no usable learning rate",
+                             "widen `lr_finder.min_lr`/`max_lr` or set `optimizer.lr` yourself")
+        module.lr = float(finder.suggestion())
+        metrics["lr_found"] = module.lr

@@ -1,0 +1,30 @@
+"""Training objectives: each loss spec of the recipe maps to the function that computes it from logits and labels."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runner.recipe.training import MSE, CrossEntropy
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
+
+
+def _cross_entropy(spec: CrossEntropy, num_classes: int, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+
+
+def _mse(spec: MSE, num_classes: int, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error between the softmax output and one-hot targets."""
+    return F.mse_loss(logits.softmax(dim=1), F.one_hot(y, num_classes).to(logits.dtype))
+
+
+# One implementation per spec class of the Loss union (tests/test_architecture.py checks it is complete).
+OBJECTIVES = {CrossEntropy: _cross_entropy, MSE: _mse}
+
+
+def build_objective(spec, num_classes: int) -> Objective:
+    return functools.partial(OBJECTIVES[type(spec)], spec, num_classes)

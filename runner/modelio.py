@@ -1,0 +1,73 @@
+"""Model I/O below the stages: build, save, load, rebuild and replay models, from data alone (no pickled code).
+
+A saved model is its spec (registry name or import, arguments) plus the transforms stages recorded
+on it (runner.transforms) and a plain state dict. Loading builds the architecture from the spec,
+replays the transforms, then loads the state dict strictly. The modules whose transforms a saved
+model may name are imported here, explicitly, so that loading never needs the stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Each registers its replayable transforms: masks, slim, int8, weight sharing.
+import runner.compress.int8  # noqa: F401
+import runner.compress.sharing  # noqa: F401
+import runner.pruning  # noqa: F401
+import runner.slimming  # noqa: F401
+from runner.compress import packed
+from runner.files import read_json, write_atomic, write_json
+from runner.models import build_model
+from runner.transforms import replay, transforms_of
+
+MODEL_WEIGHTS = "model.pt"  # a plain state dict: loads with torch.load(weights_only=True)
+MODEL_STRUCTURE = "model.json"  # the model spec and the transforms that rebuild the module tree
+PACKED_SUFFIX = ".dcz"  # the compressed artifact (runner.compress.packed)
+
+
+def spec_data(model_spec) -> dict:
+    """A ModelSpec as the JSON data saved artifacts carry."""
+    return model_spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _spec(data: dict):
+    from runner.recipe.schema import ModelSpec
+
+    return ModelSpec.model_validate(data)
+
+
+def save_model(model: nn.Module, folder: Path, model_spec) -> None:
+    write_atomic(Path(folder) / MODEL_WEIGHTS, lambda handle: torch.save(model.state_dict(), handle))
+    write_json(Path(folder) / MODEL_STRUCTURE, {"model": spec_data(model_spec), "transforms": transforms_of(model)})
+
+
+def rebuild(model_spec, transforms: list[dict], state: dict) -> nn.Module:
+    """A fresh model from its spec (a ModelSpec), replayed transforms and a state dict (strict)."""
+    model = replay(build_model(model_spec), transforms)
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(path: Path) -> nn.Module:
+    """The exact model of a stage folder (model.json + model.pt) or of a compressed `.dcz` artifact."""
+    path = Path(path)
+    if path.suffix == PACKED_SUFFIX:
+        return load_packed(path)
+    structure = read_json(path / MODEL_STRUCTURE)
+    state = torch.load(path / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
+    return rebuild(_spec(structure["model"]), structure.get("transforms", []), state)
+
+
+def load_packed(path: Path) -> nn.Module:
+    """The exact model of a compressed artifact: its spec, replayed transforms and decoded weights."""
+    data = Path(path).read_bytes()
+    header = packed.read_header(data)
+    return rebuild(_spec(header["model"]), header["transforms"], packed.decode_state(data)).eval()
+
+
+def write_packed(model: nn.Module, model_spec, path: Path) -> int:
+    """Write the compressed artifact of `model`; returns its size in bytes."""
+    return packed.write_packed(model, spec_data(model_spec), path)
