@@ -9,6 +9,7 @@ from rich.table import Table
 
 from runner.outcome import StageOutcome
 from runner.recipe.expect import RUN_METRICS, Expect
+from runner.recipe.metrics import latency_batches, latency_key
 
 
 def _number(value) -> bool:
@@ -24,14 +25,14 @@ def _last(outcomes: list[StageOutcome], *keys: str) -> dict | None:
 
 
 def _latency_ratio(outcomes: list[StageOutcome]) -> float | None:
-    measured = [o.metrics for o in outcomes if any(k.startswith("latency_ms_b") for k in o.metrics)]
+    measured = [o.metrics for o in outcomes if latency_batches(o.metrics)]
     if len(measured) < 2:
         return None
     first, final = measured[0], measured[-1]
-    common = sorted(int(k.removeprefix("latency_ms_b")) for k in first if k.startswith("latency_ms_b") and k in final)
-    if not common or not first[f"latency_ms_b{common[0]}"]:
+    common = sorted(set(latency_batches(first)) & set(latency_batches(final)))
+    if not common or not first[latency_key(common[0])]:
         return None
-    return final[f"latency_ms_b{common[0]}"] / first[f"latency_ms_b{common[0]}"]
+    return final[latency_key(common[0])] / first[latency_key(common[0])]
 
 
 def run_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from runner.lightning.internals import HOOK_NAME_ATTRIBUTE
 from runner.lightning.objective import build_objective
 from runner.lightning.units import stage_length
 from runner.measure import named_tensors
@@ -39,10 +40,9 @@ class ClassifierModule(pl.LightningModule):
         self._compiled: Callable | None = None  # set by CompiledForward for the length of a fit
 
     def __setattr__(self, name: str, value) -> None:
-        # Lightning stores the running hook's name on the module around every hook call, about 46
-        # times per training step; nn.Module.__setattr__ spends its time there checking whether a
-        # string is a Parameter, Module or buffer (about 5% of a LeNet-300-100 step on CPU).
-        if name in ("_current_fx_name", "_compiled"):  # _compiled: not a submodule, so not in the state dict
+        # Plain attributes set often (see runner.lightning.internals) skip nn.Module's type checks;
+        # _compiled is not a submodule, so it must not enter the state dict either.
+        if name in (HOOK_NAME_ATTRIBUTE, "_compiled"):
             self.__dict__[name] = value
         else:
             super().__setattr__(name, value)
@@ -82,13 +82,18 @@ class ClassifierModule(pl.LightningModule):
             self._stop_on_non_finite(loss, batch_idx)
         # self.log costs about as much as a LeNet-300-100 optimizer step on CPU, so the loss is
         # kept as a detached tensor (no sync, no host transfer) and logged as the mean over the
-        # logging window, only on the steps Lightning writes logs (the same test its own
-        # LearningRateMonitor uses), and as the epoch mean at the end of each epoch.
+        # logging window, only on the steps Lightning writes logs (its own
+        # rule, restated in _log_step), and as the epoch mean at the end of each epoch.
         self._epoch_losses.append(loss.detach())
-        if self.trainer._logger_connector.should_update_logs:
+        if self._log_step():
             self._log_train_loss(self._epoch_losses[self._logged_until:], on_step=True)
             self._logged_until = len(self._epoch_losses)
         return loss
+
+    def _log_step(self) -> bool:
+        """Whether Lightning writes logs at this step: every `log_every_n_steps` optimizer steps, and when stopping."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_losses = []

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Checkpoint
 
 from runner.artifacts import CHECKPOINT_POSITION, CHECKPOINTS, LAST_CHECKPOINT
 from runner.files import write_json
+from runner.lightning.internals import restore_loader_position
 from runner.transforms import replay, transforms_of
 
 EXTRA = "nnopt"  # our key in the checkpoint dict
@@ -88,10 +89,7 @@ class ResumePoints(Checkpoint):
                              "metrics": {k: v.detach().cpu() for k, v in trainer.callback_metrics.items()}}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning hands the data loader its saved position only when it builds the loader after the
-        # restore; `configure_optimizers` asking for `estimated_stepping_batches` builds it before, so
-        # the position would be dropped silently. Apply it now, before the first batch is drawn.
-        trainer.fit_loop._load_combined_loader_states()
+        restore_loader_position(trainer)  # before the first batch is drawn
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Called after the weights load and before training continues: the next draw is the one

@@ -16,6 +16,11 @@ class Spec(BaseModel):
     # A stage spec that trains sets this: under a multi-process strategy every rank runs it, while
     # any other stage runs on global rank 0 and its resulting model is sent to the others.
     runs_on_every_rank: ClassVar[bool] = False
+    # A stage spec lists the metrics its stage writes (runner.recipe.metrics); `expect` and the report read them.
+    stage_metrics: ClassVar[tuple] = ()
+
+    def declared_metrics(self) -> tuple:
+        return type(self).stage_metrics
 
 
 def variants(union) -> list[type]:

@@ -85,25 +85,9 @@ RUN_METRICS = {
     "wall_seconds": "seconds spent running stages in this invocation",
 }
 
-# The metrics each stage kind reports (fnmatch patterns; a nested metric is `metric.key`), for
-# checking `stage.metric` names before running; a kind not listed here is checked at run end only. tests/test_expect.py checks these
-# against what the stages really report.
-STAGE_METRICS = {
-    "train": ["train_loss", "val_loss", "val_acc", "epochs", "steps", "fit_seconds", "samples_per_second",
-              "final_lr", "lr_found", "batch_size_found", "gradual_pruning.*"],
-    "evaluate": ["{split}_loss", "{split}_acc", "{split}_error", "{split}_examples", "params_total",
-                 "params_nonzero", "sparsity", "compression_rate", "layer_sparsity.*", "model_bytes", "packed_bytes", "dense_fp32_bytes",
-                 "size_ratio", "latency_threads", "latency_ms_b*", "latency_fp32_ms_b*", "latency_ratio_b*",
-                 "deploy_latency_ms_b*", "deploy_path_b*", "deploy_latency_fp32_ms_b*", "deploy_latency_ratio_b*"],
-}
-
-
-def stage_metric_patterns(stage) -> list[str] | None:
-    """The metric names `stage` reports, or None when its kind does not declare them."""
-    patterns = STAGE_METRICS.get(stage.kind)
-    if patterns is None:
-        return None
-    return [p.format(split=getattr(stage, "split", "")) for p in patterns]
+def stage_metric_patterns(stage) -> list[str]:
+    """The metric names `stage` writes, as its spec declares them (runner.recipe.metrics)."""
+    return [metric.name for metric in stage.declared_metrics()]
 
 
 def reports(patterns: list[str], metric: str) -> bool:

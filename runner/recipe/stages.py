@@ -6,6 +6,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, model_validator
 
+import runner.recipe.metrics as declared
 from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Sparsity, Spec, tag_values
 from runner.recipe.training import (
     Point,
@@ -45,6 +46,7 @@ class Training(Spec):
     gradual_pruning: GradualPruning | None = None
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT
 
     @model_validator(mode="after")
     def _duration(self):
@@ -68,6 +70,7 @@ class FinetuneStage(Training):
 
     name: Slug
     kind: Literal["finetune"]
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.PARAMETERS
 
 
 class PruneStage(Spec):
@@ -87,6 +90,11 @@ class PruneStage(Spec):
     sparsity: Sparsity  # one target, or {module pattern: target}; later patterns override earlier ones
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
     parity_tolerance: PositiveFloat = 1e-4  # neurons: max |slimmed - masked| output difference allowed
+
+    def declared_metrics(self) -> tuple[declared.Metric, ...]:
+        if self.granularity == "neurons":
+            return declared.PRUNE_NEURONS + declared.PARAMETERS
+        return declared.PRUNE_WEIGHTS + declared.PARAMETERS
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -128,6 +136,7 @@ class IterativePruneStage(Spec):
     reinit: bool = False  # survivors get a fresh random initialization instead (the control)
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.ITERATIVE + declared.PARAMETERS
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -152,6 +161,10 @@ class EvaluateStage(Spec):
     latency_warmup: Annotated[int, Field(ge=0)] = 5
     threads: PositiveInt | None = None  # torch threads during timing; default: as the process has
 
+    def declared_metrics(self) -> tuple[declared.Metric, ...]:
+        split = tuple(declared.Metric(m.name.format(split=self.split), m.meaning, m.unit) for m in declared.EVALUATION)
+        return split + declared.PARAMETERS + declared.SIZE + declared.LATENCY
+
 
 class DynamicInt8(Spec):
     """Post-training dynamic int8: Linear and LSTM weights stored int8, activations quantized per batch."""
@@ -159,6 +172,7 @@ class DynamicInt8(Spec):
     name: Slug
     kind: Literal["quantize"]
     method: Literal["dynamic_int8"]
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE
 
 
 class StaticInt8(Spec):
@@ -170,6 +184,7 @@ class StaticInt8(Spec):
     calibration_batches: PositiveInt  # required: static quantization without calibration data is meaningless
     observer: Literal["minmax", "histogram"] = "histogram"  # activation range estimator
     weights: Literal["per_tensor", "per_channel"] = "per_channel"
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE + declared.STATIC_INT8
 
 
 class QatInt8(Training):
@@ -182,6 +197,7 @@ class QatInt8(Training):
     # The fake-quant observers' ranges are per-process buffers that DDP does not reduce, so the
     # ranks would convert different int8 models: QAT runs on rank 0, in one process.
     runs_on_every_rank: ClassVar[bool] = False
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.QUANTIZE + declared.SIZE + declared.QAT
     freeze_observers_after: Point | None = None  # ranges fixed from here on (Jacob et al. 2018 §3)
     freeze_batchnorm_after: Point | None = None  # BN statistics fixed from here on (folded BN, §3.2)
 
@@ -195,6 +211,7 @@ class WeightSharing(Spec):
     bits: Annotated[int, Field(ge=1, le=8)] | dict[str, Annotated[int, Field(ge=1, le=8)]]  # one value or {glob: bits}
     kmeans_iterations: PositiveInt = 50
     finetune: Training | None = None  # centroid fine-tuning (§3.3): a centroid's gradient sums its members'
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE + declared.WEIGHT_SHARING
 
 
 QuantizeStage = Annotated[Union[DynamicInt8, StaticInt8, QatInt8, WeightSharing], Field(discriminator="method")]
@@ -209,6 +226,7 @@ class ExportStage(Spec):
     opset: Annotated[int, Field(ge=13, le=21)] = 17
     tolerance: PositiveFloat = 1e-4  # max |onnxruntime - PyTorch| over a test batch; larger fails the stage
     check_examples: PositiveInt = 256
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.EXPORT
 
 
 Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, IterativePruneStage, EvaluateStage, QuantizeStage, ExportStage],
