@@ -16,7 +16,8 @@ from runner.recipe.source import Source, read_source
 
 def validate_source(source: Source) -> Recipe:
     try:
-        recipe = Recipe.model_validate(source.data)
+        # The context lets the model spec resolve paths and imports relative to the recipe file.
+        recipe = Recipe.model_validate(source.data, context={"source": source})
     except ValidationError as err:
         # Report unknown model/data names too, so one run of `validate` shows every problem.
         issues = issues_from_validation(err, source, Recipe) + check_names(source)

@@ -26,23 +26,52 @@ def _issue(source: Source, path: tuple, message: str, hint: str | None = None) -
     return Issue(source.file, line, column, dotted(path), message, hint)
 
 
-def _args_model(factory: Callable) -> type:
-    """A strict pydantic model of a factory's keyword arguments, built from its signature."""
+def _signature(factory: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins and C extensions have none
+        return None
+
+
+def _args_model(factory: Callable, signature: inspect.Signature) -> type:
+    """A strict pydantic model of the arguments the recipe may pass by name, built from the signature:
+    named parameters are checked (names, required ones, annotated types); `**kwargs` accepts any other
+    name, and `*args` takes nothing from a recipe."""
+    try:  # a class's annotations are its attributes': the parameters' are on __init__
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # annotations naming what cannot be resolved here (TYPE_CHECKING imports): names only
+        hints = {}
     fields: dict[str, Any] = {}
-    hints = typing.get_type_hints(factory)
-    for name, param in inspect.signature(factory).parameters.items():
-        annotation = hints.get(name, Any)
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            continue
         default = param.default if param.default is not inspect.Parameter.empty else ...
-        fields[name] = (annotation, default)
-    return create_model(f"{factory.__name__}_args", __config__=ConfigDict(extra="forbid"), **fields)
+        fields[name] = (hints.get(name, Any), default)
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    config = ConfigDict(extra="allow" if open_ended else "forbid", arbitrary_types_allowed=True)
+    name = f"{getattr(factory, '__name__', 'factory')}_args"
+    try:
+        return create_model(name, __config__=config, **fields)
+    except Exception:  # a type pydantic cannot check (a protocol, a forward reference): check names only
+        return create_model(name, __config__=config, **{k: (Any, d) for k, (_, d) in fields.items()})
 
 
 def check_factory_args(source: Source, path: tuple, factory: Callable, args: dict) -> list[Issue]:
+    """The recipe's `args` against the factory's signature, without calling the factory."""
+    signature = _signature(factory)
+    if signature is None:
+        return []
+    required_positional = [name for name, p in signature.parameters.items()
+                           if p.kind == p.POSITIONAL_ONLY and p.default is inspect.Parameter.empty]
+    if required_positional:
+        return [_issue(source, path, f"the factory needs positional-only arguments ({', '.join(required_positional)}), "
+                       "which a recipe cannot pass", "wrap it in a function that takes keyword arguments")]
     try:
-        _args_model(factory).model_validate(args)
+        _args_model(factory, signature).model_validate(args)
     except ValidationError as err:
         issues = []
-        params = list(inspect.signature(factory).parameters)
+        params = [name for name, p in signature.parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for error in err.errors():
             arg_path = path + tuple(error["loc"])
             if error["type"] == "extra_forbidden":
@@ -78,9 +107,6 @@ def check_names(source: Source) -> list[Issue]:
 
 
 def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
-    from runner.data import DATASETS
-    from runner.models import MODELS, resolve_import
-
     issues: list[Issue] = []
     seen: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
@@ -89,22 +115,9 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
                                  f"stage names must be unique; stages[{seen[stage.name]}] is already called that"))
         seen.setdefault(stage.name, i)
 
-    if recipe.model.name is not None:
-        factory, found = _lookup(source, ("model", "name"), MODELS, recipe.model.name)
-    else:
-        try:
-            factory, found = resolve_import(recipe.model.import_), []
-        except ImportError as err:
-            factory, found = None, [_issue(source, ("model", "import"), str(err),
-                                           "the module must be importable from the current environment")]
-    issues += found
-    if factory is not None:
-        issues += check_factory_args(source, ("model", "args"), factory, recipe.model.args)
+    issues += check_model(recipe.model, source)
 
-    dataset, found = _lookup(source, ("data", "name"), DATASETS, recipe.data.name)
-    issues += found
-    if dataset is not None:
-        issues += check_factory_args(source, ("data", "args"), dataset, recipe.data.args)
+    issues += check_data(recipe.data, source)
 
     issues += _check_optional_packages(recipe, source)
     issues += _check_trainer(recipe, source)
@@ -112,6 +125,82 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
     issues += check_seeds(recipe, source) + check_expect(recipe, source)
     if not issues:
         issues += _check_param_patterns(recipe, source)
+    return issues
+
+
+def check_model(spec, source: Source) -> list[Issue]:
+    """The architecture exists and takes the recipe's arguments; hub builders are never asked to download
+    weights; a weights path exists. Nothing of the user's code is called."""
+    from runner.imports import ImportFailed
+    from runner.models import MODELS, factory_of, hub_source
+    from runner.models.hub import MissingPackage, argument_problems, hub_weight_args
+    from runner.models.weights import layout_problem
+
+    source_field = "name" if spec.name is not None else "import" if spec.import_ is not None else hub_source(spec)
+    try:
+        factory = factory_of(spec)
+    except UnknownName as err:
+        hint = err.hint
+        if hub_source(spec) is not None:  # hundreds of names: the closest, and where to list them all
+            guess = did_you_mean(err.name, err.choices)
+            hint = (guess + " " if guess else "") + f"{len(err.choices)} names: {hub_source(spec)}.models.list_models()"
+        return [_issue(source, ("model", source_field), err.message, hint)]
+    except (ImportFailed, MissingPackage) as err:
+        return [_issue(source, ("model", source_field), err.message, err.hint)]
+    if not callable(factory):
+        return [_issue(source, ("model", "import"), f"`{spec.import_}` is a {type(factory).__name__}, not a "
+                       "function or class that builds the model")]
+
+    hub = hub_source(spec)
+    if hub is None:
+        issues = check_factory_args(source, ("model", "args"), factory, spec.args)
+    else:
+        asked = hub_weight_args(hub, spec.args)
+        issues = [_issue(source, ("model", "args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
+                         "never downloads (machines without internet cannot, and the run's fingerprint could "
+                         "not include them)", "save the weights once as a file (torch.save(model.state_dict(), "
+                         "PATH)) and give `model.weights: PATH`") for arg in asked]
+        if not issues:
+            issues = [_issue(source, ("model", "args") + ((arg,) if arg else ()), message, hint)
+                      for arg, message, hint in argument_problems(factory, spec.args)]
+    path = spec.weights_path()
+    problem = layout_problem(path) if path is not None else None
+    if problem:
+        issues.append(_issue(source, ("model", "weights"), problem,
+                             "a relative path is relative to the recipe file"
+                             + (f" ({spec.recipe_dir})" if spec.recipe_dir else "")))
+    return issues
+
+
+def check_data(spec, source: Source) -> list[Issue]:
+    """The data source exists (registered name, importable factory), its arguments bind, its files are
+    where they should be (a cheap look at names, never reading the data), and every transform builds."""
+    from runner.data import DATASETS, PREFLIGHT, DataUnavailable
+    from runner.data.augment import TransformProblem, build_item
+    from runner.imports import ImportFailed, resolve
+
+    if spec.name is not None:
+        factory, issues = _lookup(source, ("data", "name"), DATASETS, spec.name)
+    else:
+        try:
+            factory, issues = resolve(spec.import_, spec.recipe_dir), []
+        except ImportFailed as err:
+            factory, issues = None, [_issue(source, ("data", "import"), err.message, err.hint)]
+    if factory is not None:
+        found = check_factory_args(source, ("data", "args"), factory, spec.args)
+        issues += found
+        if not found and spec.name in PREFLIGHT:
+            try:
+                PREFLIGHT[spec.name](**spec.factory_args())
+            except DataUnavailable as err:
+                issues.append(_issue(source, ("data", "args") + ((err.arg,) if err.arg else ()), err.message, err.hint))
+    for split in ("train", "eval"):
+        for i, item in enumerate(getattr(spec.transforms, split)):
+            try:
+                build_item(item)
+            except TransformProblem as problem:
+                issues.append(_issue(source, ("data", "transforms", split, i) + problem.where, problem.message,
+                                     problem.hint))
     return issues
 
 

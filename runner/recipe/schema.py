@@ -2,28 +2,79 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_validator
 
+from runner.errors import Issue
 from runner.recipe.base import PositiveInt, Slug, Spec
 from runner.recipe.expect import Expect
+from runner.recipe.locate import dotted
 from runner.recipe.stages import Stage
 from runner.recipe.training import Precision
 
 
-class ModelSpec(Spec):
-    """A registered model by `name`, or trusted user code via `import: package.module:factory`."""
+class FromRecipeFile(Spec):
+    """A spec that knows the recipe file it was read from (validation context `source`): for paths
+    relative to the recipe, modules next to it, and errors found at run time located in it. None for
+    a spec read back from an artifact."""
 
-    name: str | None = None
+    _source: Any = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any) -> None:
+        if isinstance(context, dict):
+            self._source = context.get("source")
+
+    @property
+    def recipe_dir(self) -> Path | None:
+        return Path(self._source.file).resolve().parent if self._source is not None else None
+
+    def relative_path(self, value: str) -> Path:
+        """`value` as written in the recipe: `~` expanded, relative to the recipe file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() or self.recipe_dir is None else self.recipe_dir / path
+
+
+class ModelSpec(FromRecipeFile):
+    """The architecture (one of `name`, `import`, `torchvision`, `timm`) with its `args`, and optionally
+    the trained `weights` the run starts from."""
+
+    name: str | None = None  # a model of nnopt's registry (`nnopt list`)
     import_: Annotated[str | None, Field(alias="import", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = None
+    torchvision: str | None = None  # a torchvision.models builder: resnet18, mobilenet_v3_small, ...
+    timm: str | None = None  # a timm model name (needs the `timm` extra)
     args: dict[str, Any] = {}
+    # A state dict file, a Lightning checkpoint (.ckpt) or an nnopt stage folder; relative to the recipe file.
+    weights: Annotated[str, Field(min_length=1)] | None = None
+    strict: bool = True  # false: load the tensors whose names and shapes match, keep the rest as built
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.name is None) == (self.import_ is None):
-            raise ValueError("give exactly one of `name` (a registered model) or `import` (package.module:factory)")
+        given = [key for key in ("name", "import_", "torchvision", "timm") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `name` (a registered model), `import` (package.module:factory), "
+                             "`torchvision` (a torchvision.models builder) or `timm` (a timm model name)")
+        if not self.strict and self.weights is None:
+            raise ValueError("`strict` applies to `weights`; give `weights: PATH` or drop `strict`")
         return self
+
+    def weights_path(self) -> Path | None:
+        return None if self.weights is None else self.relative_path(self.weights)
+
+    def issue(self, field: tuple, message: str, hint: str | None = None) -> Issue:
+        """A problem with `model.<field>` found after validation (at run start), located in the recipe."""
+        path = ("model",) + tuple(field)
+        if self._source is None:
+            return Issue("model spec", None, None, dotted(path), message, hint)
+        from runner.recipe.checks import _issue
+
+        return _issue(self._source, path, message, hint)
+
+    def architecture(self) -> dict:
+        """The spec as data that rebuilds the module tree: without the weights it started from
+        (an artifact carries its own state dict)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"weights", "strict"})
 
 
 class DataLimit(Spec):
@@ -34,12 +85,64 @@ class DataLimit(Spec):
     test: PositiveInt | None = None
 
 
-class DataSpec(Spec):
-    name: str
-    batch_size: PositiveInt = 128
+def _one_transform(item: str | dict) -> str | dict:
+    if isinstance(item, dict) and len(item) != 1:
+        raise ValueError("a transform is a name (`RandomHorizontalFlip`) or one name with its arguments "
+                         "(`{RandomCrop: {size: 32, padding: 4}}`)")
+    return item
+
+
+TransformItem = Annotated[str | dict[str, dict[str, Any] | None], AfterValidator(_one_transform)]
+
+
+class DataTransforms(Spec):
+    """torchvision `transforms.v2` by name, applied to each example: `train` to the training batches,
+    `eval` to validation, test and the probes (calibration, export and parity checks). A list without
+    ToImage/ToDtype runs on float tensors in [0, 1]. Data read into memory streams when given any."""
+
+    train: list[TransformItem] = []
+    eval: list[TransformItem] = []
+
+
+class DataLoaderSpec(Spec):
+    """DataLoader settings for data read example by example (in-memory data has no loader)."""
+
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # auto: a core each, less one, at most 8
+    pin_memory: bool | Literal["auto"] = "auto"  # auto: when training on a CUDA GPU
+    persistent_workers: bool = True  # keep the workers between epochs (with workers > 0)
+    prefetch_factor: PositiveInt | None = None  # batches each worker reads ahead (torch's default: 2)
+
+    @model_validator(mode="after")
+    def _workers_for_worker_settings(self):
+        if self.workers == 0 and self.prefetch_factor is not None:
+            raise ValueError("`prefetch_factor` needs workers: with `workers: 0` the training process reads itself")
+        return self
+
+
+class DataSpec(FromRecipeFile):
+    """A registered data set by `name`, or trusted user code via `import: package.module:factory`
+    returning a LightningDataModule or (train, val, test) torch Datasets."""
+
+    name: str | None = None
+    import_: Annotated[str | None, Field(alias="import", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = None
+    batch_size: PositiveInt = 128  # the global training batch, split over the processes of a multi-process run
     eval_batch_size: PositiveInt = 1000
     limit: DataLimit = DataLimit()
     args: dict[str, Any] = {}
+    transforms: DataTransforms = DataTransforms()
+    loader: DataLoaderSpec = DataLoaderSpec()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.import_ is None):
+            raise ValueError("give exactly one of `name` (a registered data set) or `import` (package.module:factory)")
+        return self
+
+    def factory_args(self) -> dict[str, Any]:
+        """`args` as a registered data set takes them: a `root` folder relative to the recipe file."""
+        if self.name is not None and isinstance(self.args.get("root"), str):
+            return {**self.args, "root": str(self.relative_path(self.args["root"]))}
+        return dict(self.args)
 
 
 class CheckpointSpec(Spec):
