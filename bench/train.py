@@ -133,13 +133,18 @@ def nnopt_recipe(model_name: str, steps: int, batch_size: int) -> Recipe:
     })
 
 
+def _no_earlier_stage(name: str):
+    raise AssertionError(f"the bench's train stage has no earlier stage `{name}`")
+
+
 def nnopt_stage(model_name: str, data, steps: int):
     """nnopt's train stage as a recipe runs it: Trainer from the recipe, CSV log and LR monitor on."""
     recipe = nnopt_recipe(model_name, steps, data.batch_size)
     model = _model(model_name)
     with tempfile.TemporaryDirectory() as folder:
-        ctx = StageContext(recipe=recipe, index=0, stage_dir=Path(folder), data=lambda: data, seed=SEED,
-                           trainer=functools.partial(build_trainer, recipe.trainer, Path(folder)))
+        ctx = StageContext(name="train", folder=Path(folder), seed=SEED, data=lambda: data,
+                           trainer=functools.partial(build_trainer, recipe.trainer), model_spec=recipe.model,
+                           load=_no_earlier_stage)
         clock = Clock()
         result = STAGES.get("train")(recipe.stages[0], model, ctx)
         return clock.stop(), result.model
