@@ -137,9 +137,8 @@ class InMemoryData(pl.LightningDataModule):
         return TensorBatches(*self.test, self.eval_batch_size, shuffle=False, **self._shard())
 
 
-def build_data(spec, seed: int) -> InMemoryData:
-    """Build the recipe's `data:` block (a DataSpec) into a data module."""
-    from runner.data import DATASETS
+def build_data(spec, seed: int):
+    """Build the recipe's `data:` block (a DataSpec) into a data module (runner.data.build chooses which)."""
+    from runner.data.build import build_data as build
 
-    splits = DATASETS.get(spec.name)(**spec.args)
-    return InMemoryData(splits, spec.batch_size, spec.eval_batch_size, spec.limit, seed)
+    return build(spec, seed)

@@ -1,4 +1,4 @@
-"""Data sets from torchvision-format folders a user already has (`root:`); nothing is downloaded."""
+"""MNIST from a torchvision-format folder (`mnist` with `root:`), read whole into memory; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from runner.data import DATASETS, DataUnavailable, Splits
+from runner.data import DataUnavailable, Splits
 
 
 def from_root(class_name: str, root: str, val_size: int) -> Splits:
@@ -32,13 +32,3 @@ def from_root(class_name: str, root: str, val_size: int) -> Splits:
     (x, y), test = tensors(True), tensors(False)
     cut = len(x) - val_size
     return Splits((x[:cut], y[:cut]), (x[cut:], y[cut:]), test, 10)
-
-
-@DATASETS.register("fashion_mnist")
-def fashion_mnist(root: str) -> Splits:
-    return from_root("FashionMNIST", root, val_size=10000)
-
-
-@DATASETS.register("cifar10")
-def cifar10(root: str) -> Splits:
-    return from_root("CIFAR10", root, val_size=5000)
