@@ -66,6 +66,32 @@ def code_files(target: str, recipe_dir: Path | None = None) -> dict[str, Path]:
     return {origin.name: origin}
 
 
+INPUTS = "inputs.json"  # in each stage artifact: the digests below, so a later plan can say what changed
+
+
+def weights_digest(path: Path) -> str:
+    """A weights file's digest, or a stage folder's (its weights and the structure they load into)."""
+    if path.is_dir():
+        return hashlib.sha256("".join(file_digest(path / name) for name in ("model.pt", "model.json")).encode()).hexdigest()
+    return file_digest(path)
+
+
+def spec_inputs(spec) -> dict:
+    """{"weights": digest, "code": {file: digest}} of a model or data spec: what it reads besides the recipe."""
+    record = {}
+    weights = spec.weights_path() if hasattr(spec, "weights_path") else None
+    if weights is not None and weights.exists():
+        record["weights"] = weights_digest(weights)
+    if getattr(spec, "import_", None) is not None:
+        record["code"] = files_digest(code_files(spec.import_, spec.recipe_dir))
+    return record
+
+
+def run_inputs(recipe) -> dict:
+    """The provenance record of a run: the model's and the data's inputs, by kind."""
+    return {kind: found for kind in ("model", "data") if (found := spec_inputs(getattr(recipe, kind)))}
+
+
 def changes(earlier: dict, now: dict) -> list[str]:
     """Why two provenance records differ, in words: `weights changed`, `model code changed (mymodels.py)`.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import nn
 
 from runner.errors import RecipeError
@@ -42,45 +41,37 @@ def build_model(spec) -> nn.Module:
     return factory_of(spec)(**spec.args)
 
 
-def located(spec, error: WeightsError) -> RecipeError:
-    """A problem with the model found while the run starts, located in the recipe like a validation error."""
-    return RecipeError([spec.issue(error.field, error.message, error.hint)])
+def initial_model(spec, data) -> tuple[nn.Module, str | None]:
+    """The model the pipeline's first stage starts from, and a line saying which weights it loaded.
 
-
-def initial_model(spec) -> tuple[nn.Module, str | None]:
-    """The model the pipeline's first stage starts from: the architecture, with `weights:` loaded if given
-    (a stage folder's transforms, such as pruning masks, replayed first so its state dict fits), and a
-    line saying what was loaded."""
-    model = build_model(spec)
+    The architecture, with `weights:` loaded if given (a stage folder's transforms, such as pruning masks,
+    replayed first so its state dict fits), checked to output one logit per class of `data` (the data
+    contract of runner.data) before anything trains.
+    """
+    model, note = build_model(spec), None
     path = spec.weights_path()
-    if path is None:
-        return model, None
     try:
-        weights = read_weights(path)
-        if weights.transforms:
-            import runner.modelio  # noqa: F401  (imports the modules that register the transforms)
-            from runner.transforms import replay
+        if path is not None:
+            weights = read_weights(path)
+            if weights.transforms:
+                import runner.modelio  # noqa: F401  (imports the modules that register the transforms)
+                from runner.transforms import replay
 
-            model = replay(model, weights.transforms)
-        return model, f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
+                model = replay(model, weights.transforms)
+            note = f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
+        _check_classes(spec, output_classes(model, data.examples("test", 2)[0]), data.num_classes)
     except WeightsError as error:
-        raise located(spec, error) from None
+        raise RecipeError([spec.issue(error.field, error.message, error.hint)]) from None
+    return model, note
 
 
-def check_classes(spec, model: nn.Module, inputs: torch.Tensor, num_classes: int) -> None:
-    """The model's logits must have one entry per class of the data; found before any training."""
-    try:
-        outputs = output_classes(model, inputs)
-    except WeightsError as error:
-        raise located(spec, error) from None
+def _check_classes(spec, outputs: int, num_classes: int) -> None:
     if outputs == num_classes:
         return
     message = f"the model outputs {outputs} classes, the data has {num_classes}"
     if spec.weights is not None:
-        raise located(spec, WeightsError(
-            message + " (with these weights)",
-            f"to train a new classifier head from these weights, set `args: {{num_classes: {num_classes}}}` "
-            "and `strict: false`", field=("weights",)))
+        raise WeightsError(message + " (with these weights)", f"to train a new classifier head from these weights, "
+                           f"set `args: {{num_classes: {num_classes}}}` and `strict: false`")
     field = ("args", "num_classes") if "num_classes" in spec.args else ("args",)
-    raise located(spec, WeightsError(message, f"set `model.args.num_classes: {num_classes}` (or the argument "
-                                     "the model takes for its number of outputs)", field=field))
+    raise WeightsError(message, f"set `model.args.num_classes: {num_classes}` (or the argument the model takes "
+                       "for its number of outputs)", field=field)

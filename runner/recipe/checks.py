@@ -7,6 +7,7 @@ import fnmatch
 import importlib.util
 import inspect
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import ConfigDict, ValidationError, create_model
@@ -166,9 +167,9 @@ def check_model(spec, source: Source) -> list[Issue]:
     path = spec.weights_path()
     problem = layout_problem(path) if path is not None else None
     if problem:
+        relative = not Path(spec.weights).expanduser().is_absolute()
         issues.append(_issue(source, ("model", "weights"), problem,
-                             "a relative path is relative to the recipe file"
-                             + (f" ({spec.recipe_dir})" if spec.recipe_dir else "")))
+                             "a relative path is relative to the recipe file's folder" if relative else None))
     return issues
 
 
