@@ -144,7 +144,7 @@ def nnopt_stage(model_name: str, data, steps: int):
     with tempfile.TemporaryDirectory() as folder:
         ctx = StageContext(name="train", folder=Path(folder), seed=SEED, data=lambda: data,
                            trainer=functools.partial(build_trainer, recipe.trainer), model_spec=recipe.model,
-                           load=_no_earlier_stage)
+                           load=_no_earlier_stage, artifact=_no_earlier_stage)
         clock = Clock()
         result = STAGES.get("train")(recipe.stages[0], model, ctx)
         return clock.stop(), result.model

@@ -98,10 +98,14 @@ class _Models:
 
     def load(self, asking: str, name: str) -> nn.Module:
         """An earlier stage's finished model, fresh from its artifact (a later stage cannot change it)."""
+        return _load_finished(self.artifact(asking, name), asking)
+
+    def artifact(self, asking: str, name: str) -> Path:
+        """The folder of an earlier stage's finished artifact."""
         if name not in self.finished:
-            raise StageError(asking, f"stage `{name}` has no finished model to load here",
+            raise StageError(asking, f"stage `{name}` has no finished artifact to read here",
                              "name a stage that comes before this one and is not skipped")
-        return _load_finished(self.finished[name], asking)
+        return self.finished[name]
 
 
 def _load_finished(folder: Path, stage: str) -> nn.Module:
@@ -138,7 +142,8 @@ def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks) ->
         settings = recipe.trainer if spec.runs_on_every_rank else recipe.trainer.one_process()
         ctx = StageContext(name=spec.name, folder=step.folder, seed=seed, data=data,
                            trainer=functools.partial(build_trainer, settings), model_spec=recipe.model,
-                           load=functools.partial(models.load, spec.name))
+                           load=functools.partial(models.load, spec.name),
+                           artifact=functools.partial(models.artifact, spec.name))
         start = time.perf_counter()
         result = run_stage(spec, model, ctx, ranks, recipe.model)
         seconds = time.perf_counter() - start

@@ -15,6 +15,7 @@ from runner.errors import StageError
 from runner.lightning.gradual import GradualPruning
 from runner.lightning.module import ClassifierModule, NonFiniteLoss
 from runner.lightning.resume import prepare_resume
+from runner.lightning.teacher import Teacher
 from runner.lightning.trainer import fitted_model
 
 
@@ -46,6 +47,9 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     # Lightning's deterministic=True switches torch to deterministic algorithms for the whole process;
     # scope it to this fit, since int8 kernels (quantized conv) refuse to run under that switch.
     determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    teacher = Teacher(spec.distillation.teacher, ctx.load(spec.distillation.teacher)) if spec.distillation else None
+    if teacher is not None:
+        module.teach_with(teacher)
     if spec.early_stopping is not None:
         es = spec.early_stopping
         callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
@@ -89,6 +93,8 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
         metrics["resumed"] = True  # fit_seconds and samples_per_second cover the resumed part only
     if gradual is not None:
         metrics["gradual_pruning"] = gradual.summary(module.model)
+    if teacher is not None:
+        metrics["distillation"] = teacher.cost(wall)
     return metrics
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from runner.lightning.internals import HOOK_NAME_ATTRIBUTE
-from runner.lightning.objective import build_objective
+from runner.lightning.objective import build_objective, distillation_loss
+from runner.lightning.teacher import Teacher
 from runner.lightning.units import stage_length
 from runner.measure import named_tensors
 from runner.lightning.optim import build_optimizer, build_scheduler
@@ -38,11 +39,12 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_losses: list[torch.Tensor] = []  # this epoch's detached step losses, logged in windows
         self._logged_until = 0
         self._compiled: Callable | None = None  # set by CompiledForward for the length of a fit
+        self._teacher: Teacher | None = None  # set by teach_with: the soft targets of a distilled fit
 
     def __setattr__(self, name: str, value) -> None:
         # Plain attributes set often (see runner.lightning.internals) skip nn.Module's type checks;
-        # _compiled is not a submodule, so it must not enter the state dict either.
-        if name in (HOOK_NAME_ATTRIBUTE, "_compiled"):
+        # _compiled and _teacher are not submodules, so they must not enter the state dict either.
+        if name in (HOOK_NAME_ATTRIBUTE, "_compiled", "_teacher"):
             self.__dict__[name] = value
         else:
             super().__setattr__(name, value)
@@ -54,8 +56,18 @@ class ClassifierModule(pl.LightningModule):
         return [(term.l1, term.l2, sorted({n for pattern in term.params for n in fnmatch.filter(names, pattern)}))
                 for term in self.spec.regularization]
 
+    def teach_with(self, teacher: Teacher) -> None:
+        """Distil from `teacher` (the spec's `distillation` block) in every training step."""
+        self._teacher = teacher
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits(x)
+
+    def _training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(x)
+        if self._teacher is None:
+            return self.objective(logits, y)
+        return distillation_loss(self.spec.distillation, self.objective, logits, self._teacher.logits(x), y)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return (self._compiled or self.model)(x)
@@ -75,7 +87,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.objective(self._logits(x), y)
+        loss = self._training_loss(x, y)
         if self._penalties:
             loss = loss + self.penalty()
         if not torch.isfinite(loss.detach()):
@@ -138,6 +150,8 @@ class ClassifierModule(pl.LightningModule):
         # An earlier stage may hand the model on in eval mode (evaluate does), and Lightning keeps each
         # module's mode: training it so would switch dropout off and freeze BatchNorm statistics.
         self.model.train()
+        if self._teacher is not None:
+            self._teacher.to(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint of a pruned model names its masks; a fresh module gets them before the strict load.

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runner.recipe.training import MSE, CrossEntropy
+from runner.recipe.training import MSE, CrossEntropy, Distillation
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
 
@@ -28,3 +28,13 @@ OBJECTIVES = {CrossEntropy: _cross_entropy, MSE: _mse}
 
 def build_objective(spec, num_classes: int) -> Objective:
     return functools.partial(OBJECTIVES[type(spec)], spec, num_classes)
+
+
+def distillation_loss(spec: Distillation, hard: Objective, logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+    """Hinton et al. 2015 §2: alpha * T^2 * KL(teacher's softened distribution || the student's) + (1 - alpha) *
+    the labels' loss. KL differs from the soft cross-entropy only by the teacher's entropy, a constant."""
+    temperature = spec.temperature
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return spec.alpha * temperature**2 * soft + (1 - spec.alpha) * hard(logits, y)

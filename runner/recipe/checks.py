@@ -15,6 +15,7 @@ from pydantic import ConfigDict, ValidationError, create_model
 from runner.errors import Issue
 from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
 from runner.recipe.locate import dotted
+from runner.recipe.references import check_stage_references
 from runner.recipe.schema import Recipe
 from runner.recipe.source import Source
 from runner.registry import Registry, UnknownName, did_you_mean
@@ -124,6 +125,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
     issues += _check_trainer(recipe, source)
     issues += _check_gradual_windows(recipe, source)
     issues += check_seeds(recipe, source) + check_expect(recipe, source)
+    issues += check_stage_references(recipe, source)
     if not issues:
         issues += _check_param_patterns(recipe, source)
     return issues

@@ -46,6 +46,8 @@ FIT = (
     Metric("resumed", "true when the fit continued from a checkpoint"),
     Metric("rank_digests", "state digest per rank after a multi-process fit"),
     Metric("gradual_pruning.*", "gradual pruning: sparsity reached, per layer and at each pruning step"),
+    Metric("distillation.*", "distillation: the teacher stage, its parameters, the seconds its forward passes "
+                             "took and their share of the fit"),
 )
 
 PARAMETERS = (
@@ -99,6 +101,20 @@ PRUNE_NEURONS = (
     Metric("latency_ms_b*_before", "latency of the masked (dense-shaped) model", "ms"),
     Metric("latency_ms_b*", "latency of the slimmed model, timed in turns with the masked one", "ms"),
     Metric("latency_ratio_b*", "slimmed latency / masked latency", "x"),
+)
+
+SENSITIVITY = (
+    Metric("val_acc", "validation accuracy of the unchanged model on the scanned examples", "fraction"),
+    Metric("examples", "validation examples each accuracy is measured on"),
+    Metric("scan_seconds", "wall time of the scan", "s"),
+    Metric("pruned_acc.*", "per layer: {sparsity: accuracy} with that layer alone pruned", "fraction"),
+    Metric("shared_acc.*", "per layer: {bits: accuracy} with that layer alone weight-shared", "fraction"),
+    Metric("int8_acc.*", "per layer: accuracy with that layer alone in simulated dynamic int8", "fraction"),
+)
+
+ALLOCATION = (
+    Metric("allocation.*", "scope auto: the scan used (`sensitivity`), the chosen sparsity, pruned count and "
+                           "predicted accuracy drop per layer, their total, and `reproduce` (the plain recipe fields)"),
 )
 
 ITERATIVE = (

@@ -7,12 +7,13 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, model_validator
 
 import runner.recipe.metrics as declared
-from runner.recipe.base import PositiveFloat, PositiveInt, Slug, Sparsity, Spec, tag_values
+from runner.recipe.base import Fraction, PositiveFloat, PositiveInt, Slug, Sparsity, Spec, tag_values
 from runner.recipe.training import (
     Point,
     BatchSizeFinder,
     Constant,
     CrossEntropy,
+    Distillation,
     EarlyStopping,
     GradualPruning,
     Moment,
@@ -44,6 +45,7 @@ class Training(Spec):
     val_every_epochs: PositiveInt = 1
     trainer: TrainerOverride | None = None
     gradual_pruning: GradualPruning | None = None
+    distillation: Distillation | None = None
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT
@@ -73,12 +75,57 @@ class FinetuneStage(Training):
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.PARAMETERS
 
 
+Level = Annotated[float, Field(gt=0, lt=1)]
+Bits = Annotated[int, Field(ge=1, le=8)]
+
+
+class PruneScan(Spec):
+    """A sensitivity scan of pruning: each layer alone pruned by magnitude to each level, no retraining."""
+
+    sparsities: Annotated[list[Level], Field(min_length=1)] = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
+    examples: PositiveInt = 2000  # validation examples the accuracies are measured on (the first ones)
+    batch_size: PositiveInt = 1000  # examples per forward pass
+
+
+class SensitivityStage(PruneScan):
+    """Per-layer sensitivity: validation accuracy with one layer alone pruned to each sparsity, its weights
+    shared with each codebook width, and in (simulated dynamic) int8; everything else unchanged and nothing
+    retrained. Writes sensitivity.json and sensitivity.png and hands the model on unchanged."""
+
+    name: Slug
+    kind: Literal["sensitivity"]
+    bits: list[Bits] = [1, 2, 3, 4, 5, 6, 8]  # weight-sharing codebook widths (Han 2016 §3)
+    int8: bool = True
+    kmeans_iterations: PositiveInt = 20
+    params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.SENSITIVITY
+
+
+class Allocation(Spec):
+    """How `scope: auto` chooses each layer's sparsity: the levels reaching the global target exactly with the
+    least accuracy loss that the sensitivity curves predict, each within its bounds."""
+
+    sensitivity: Slug | None = None  # an earlier `sensitivity` stage whose scan to use; none: scan here
+    scan: PruneScan = PruneScan()  # the scan made here when `sensitivity` is not given
+    bounds: dict[str, tuple[Fraction, Level]] = {}  # {layer pattern: [min, max] sparsity}; later patterns win
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.sensitivity is not None and "scan" in self.model_fields_set:
+            raise ValueError("`scan` sets the scan made here; with `sensitivity` the named stage's scan is used")
+        for pattern, (low, high) in self.bounds.items():
+            if low > high:
+                raise ValueError(f"bounds of `{pattern}`: the minimum {low} is above the maximum {high}")
+        return self
+
+
 class PruneStage(Spec):
     """One-shot pruning between stages.
 
     `granularity: weights` masks single weights (unstructured; the masks travel with the model);
     `neurons` removes whole Linear output neurons / Conv output channels and physically slims the
-    model (the following layers and BatchNorm shrink with them).
+    model (the following layers and BatchNorm shrink with them). `scope: auto` chooses per-layer
+    sparsities for one global target from a sensitivity scan (`allocation`).
     """
 
     name: Slug
@@ -86,21 +133,33 @@ class PruneStage(Spec):
     granularity: Literal["weights", "neurons"] = "weights"
     method: Literal["magnitude", "random"] = "magnitude"
     norm: Literal["l1", "l2"] | None = None  # how neurons are ranked by magnitude (default l1)
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["layer", "global", "auto"] = "layer"
     sparsity: Sparsity  # one target, or {module pattern: target}; later patterns override earlier ones
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
     parity_tolerance: PositiveFloat = 1e-4  # neurons: max |slimmed - masked| output difference allowed
+    allow_empty_layers: bool = False  # true: a layer may lose every weight (the network is then cut; meant for studies)
+    allocation: Allocation | None = None  # scope auto: where the scan comes from, per-layer bounds
 
     def declared_metrics(self) -> tuple[declared.Metric, ...]:
         if self.granularity == "neurons":
             return declared.PRUNE_NEURONS + declared.PARAMETERS
-        return declared.PRUNE_WEIGHTS + declared.PARAMETERS
+        auto = declared.ALLOCATION if self.scope == "auto" else ()
+        return declared.PRUNE_WEIGHTS + auto + declared.PARAMETERS
+
+    @property
+    def allocation_settings(self) -> Allocation:
+        return self.allocation if self.allocation is not None else Allocation()
 
     @model_validator(mode="after")
     def _consistent(self):
-        if isinstance(self.sparsity, dict) and self.scope == "global":
-            raise ValueError("per-layer `sparsity` targets need `scope: layer` (global ranks all layers against "
-                             "one target)")
+        if isinstance(self.sparsity, dict) and self.scope != "layer":
+            raise ValueError(f"per-layer `sparsity` targets need `scope: layer` ({self.scope} takes one target for "
+                             "all layers)")
+        if self.allocation is not None and self.scope != "auto":
+            raise ValueError("`allocation` says how `scope: auto` chooses per-layer sparsities: set `scope: auto` or "
+                             "drop `allocation`")
+        if self.scope == "auto" and (self.granularity != "weights" or self.method != "magnitude"):
+            raise ValueError("`scope: auto` allocates magnitude pruning of weights (the scan prunes by magnitude)")
         if self.granularity == "weights" and self.norm is not None:
             raise ValueError("`norm` ranks neurons; unstructured pruning ranks weights by |w|")
         if self.granularity == "neurons":
@@ -229,6 +288,7 @@ class ExportStage(Spec):
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.EXPORT
 
 
-Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, IterativePruneStage, EvaluateStage, QuantizeStage, ExportStage],
+Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, IterativePruneStage, EvaluateStage, QuantizeStage, ExportStage,
+                        SensitivityStage],
                   Field(discriminator="kind")]
 STAGE_KINDS = tag_values(Stage, "kind")

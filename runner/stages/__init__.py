@@ -7,6 +7,7 @@ from runner.stages.base import StageContext, StageFn, StageResult
 
 STAGES: Registry[StageFn] = Registry("stage kind")
 
-from runner.stages import evaluate, export, finetune, iterative_prune, prune, quantize, train  # noqa: E402,F401
+from runner.stages import (evaluate, export, finetune, iterative_prune, prune, quantize, sensitivity,  # noqa: E402,F401
+                           train)
 
 __all__ = ["STAGES", "StageContext", "StageResult"]

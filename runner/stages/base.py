@@ -23,6 +23,7 @@ class StageContext:
     trainer: Callable[..., pl.Trainer]  # (folder, callbacks=..., override=..., **fit options) -> Trainer
     model_spec: Any  # the recipe's ModelSpec: what rebuilds this architecture from scratch
     load: Callable[[str], nn.Module]  # the finished model of an earlier stage, by stage name
+    artifact: Callable[[str], Path]  # the folder of an earlier stage's finished artifact (its extra files), by name
 
     def build_trainer(self, **options) -> pl.Trainer:
         """A Trainer writing its logs and resume checkpoints into this context's folder."""

@@ -16,7 +16,7 @@ from runner.transforms import replay, transforms_of
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
-_KEPT = ("train_loss", "val_loss", "val_acc", "steps", "final_lr", "fit_seconds")
+_KEPT = ("train_loss", "val_loss", "val_acc", "steps", "final_lr", "fit_seconds", "distillation")
 
 
 def _next_targets(model, fractions: dict[str, float], scope: str) -> dict[str, float]:

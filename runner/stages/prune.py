@@ -4,11 +4,52 @@ from __future__ import annotations
 
 import torch
 
-from runner import pruning
+from runner import pruning, sensitivity
+from runner.allocation import AllocationError, allocate_sparsity
+from runner.errors import StageError
 from runner.measure import parameter_stats
 from runner.slimming import prune_neurons  # also registers the `slim` transform that artifacts replay
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
+
+
+def _scan(spec, model, names: list[str], ctx: StageContext) -> tuple[dict, str]:
+    """The sensitivity scan `scope: auto` allocates from: the named stage's, or one made here."""
+    settings = spec.allocation_settings
+    if settings.sensitivity is None:
+        x, y = ctx.data().examples("val", settings.scan.examples)
+        return sensitivity.scan(model, x, y, names=names, sparsities=settings.scan.sparsities, bits=[], int8=False,
+                                kmeans_iterations=1, batch_size=settings.scan.batch_size), "scanned here"
+    folder = ctx.artifact(settings.sensitivity)
+    if not (folder / sensitivity.SCAN_FILE).is_file():
+        raise StageError(spec.name, f"stage `{settings.sensitivity}` wrote no {sensitivity.SCAN_FILE}",
+                         "name a stage of kind `sensitivity`")
+    scan = sensitivity.read(folder)
+    missing = [name for name in names if name not in scan["layers"]]
+    if missing:
+        raise StageError(spec.name, f"the scan of `{settings.sensitivity}` has no curve for {', '.join(missing)}",
+                         "scan the same parameters (`params`) that this stage prunes")
+    return scan, settings.sensitivity
+
+
+def _allocate(spec, model, names: list[str], ctx: StageContext) -> tuple[dict[str, float], dict]:
+    """Per-layer targets for `scope: auto`, and what the stage reports about them."""
+    scan, source = _scan(spec, model, names, ctx)
+    settings = spec.allocation_settings
+    unmatched = pruning.unmatched_patterns(list(settings.bounds), names)
+    if unmatched:
+        raise StageError(spec.name, f"allocation.bounds: `{unmatched[0]}` matches no pruned layer",
+                         "pruned: " + ", ".join(names))
+    bounds = pruning.layer_targets(names, dict(settings.bounds)) if settings.bounds else {}
+    try:
+        chosen = allocate_sparsity(scan, names, spec.sparsity, bounds)
+    except AllocationError as err:
+        raise StageError(spec.name, err.message, err.hint) from None
+    # Exact fractions (JSON keeps every digit), so that the plain recipe prunes the same counts.
+    reproduce = "scope: layer, sparsity: {" + ", ".join(f"{n}: {s!r}" for n, s in chosen["sparsity"].items()) + "}"
+    return chosen["sparsity"], {"sensitivity": source, "sparsity": chosen["sparsity"], "pruned": chosen["pruned"],
+                                "predicted_drop": chosen["predicted_drop"],
+                                "predicted_total_drop": chosen["predicted_total_drop"], "reproduce": reproduce}
 
 
 @STAGES.register("prune")
@@ -19,7 +60,14 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         metrics = prune_neurons(spec, model, example, generator)
         return StageResult(metrics.pop("model"), metrics)
     targets = pruning.resolve_targets(spec.name, model, spec.sparsity, spec.params)
-    metrics = pruning.prune_weights(spec.name, model, targets, spec.scope, spec.method, generator)
-    pruning.check_reached(spec.name, model, targets, spec.scope, tolerance=0.0)  # one-shot pruning is exact
+    allocation = None
+    if spec.scope == "auto":
+        targets, allocation = _allocate(spec, model, list(targets), ctx)
+    scope = "layer" if spec.scope == "auto" else spec.scope
+    metrics = pruning.prune_weights(spec.name, model, targets, scope, spec.method, generator)
+    pruning.check_reached(spec.name, model, targets, scope, tolerance=0.0)  # one-shot pruning is exact
+    if allocation is not None:
+        pruning.check_reached(spec.name, model, {name: spec.sparsity for name in targets}, "global", tolerance=0.0)
+        metrics["allocation"] = allocation
     metrics.update(parameter_stats(model))
     return StageResult(model, metrics)

@@ -1,0 +1,53 @@
+"""Fields that name another stage (a distillation teacher, a sensitivity scan): it must exist, come earlier,
+and be of the kind the field needs."""
+
+from __future__ import annotations
+
+from runner.errors import Issue
+from runner.recipe.locate import dotted
+from runner.registry import did_you_mean
+
+
+def _training_blocks(stage):
+    """The stage itself when it trains, and every training block inside it (a retrain, a finetune)."""
+    from runner.recipe.stages import Training
+
+    if isinstance(stage, Training):
+        yield (), stage
+    for field in type(stage).model_fields:
+        if isinstance(getattr(stage, field), Training):
+            yield (field,), getattr(stage, field)
+
+
+def stage_references(recipe):
+    """(path, named stage, kind it must have or None) for each field of the recipe naming another stage."""
+    for i, stage in enumerate(recipe.stages):
+        for inner, block in _training_blocks(stage):
+            if block.distillation is not None:
+                yield ("stages", i) + inner + ("distillation", "teacher"), block.distillation.teacher, None
+        allocation = getattr(stage, "allocation", None)
+        if allocation is not None and allocation.sensitivity is not None:
+            yield ("stages", i, "allocation", "sensitivity"), allocation.sensitivity, "sensitivity"
+
+
+def check_stage_references(recipe, source) -> list[Issue]:
+    issues = []
+    kinds = {stage.name: (i, stage.kind) for i, stage in enumerate(recipe.stages)}
+
+    def issue(path: tuple, message: str, hint: str) -> None:
+        line, column = source.position(path)
+        if path in source.overridden:
+            hint = f"set by override `{source.overridden[path]}`; {hint}"
+        issues.append(Issue(source.file, line, column, dotted(path), message, hint))
+
+    for path, name, kind in stage_references(recipe):
+        earlier = [stage.name for stage in recipe.stages[:path[1]]]
+        if name not in earlier:
+            guess = did_you_mean(name, earlier)
+            message = (f"the recipe has no stage `{name}`" if name not in kinds
+                       else f"stage `{name}` runs after this one: its finished model is not there yet")
+            issue(path, message,
+                  (guess + " " if guess else "") + "name an earlier stage: " + (", ".join(earlier) or "there is none"))
+        elif kind is not None and kinds[name][1] != kind:
+            issue(path, f"stage `{name}` is a {kinds[name][1]} stage, not a {kind} stage", f"name a `{kind}` stage")
+    return issues
