@@ -68,6 +68,6 @@ def load_packed(path: Path) -> nn.Module:
     return rebuild(_spec(header["model"]), header["transforms"], packed.decode_state(data)).eval()
 
 
-def write_packed(model: nn.Module, model_spec, path: Path) -> int:
-    """Write the compressed artifact of `model`; returns its size in bytes."""
+def write_packed(model: nn.Module, model_spec, path: Path) -> packed.Packed:
+    """Write the compressed artifact of `model`; returns it (`.data`) with where its bytes went (`.breakdown`)."""
     return packed.write_packed(model, spec_data(model_spec), path)

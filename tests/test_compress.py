@@ -1,4 +1,5 @@
-"""Compression internals: Huffman and the packed format round-trip exactly; every method keeps pruned zeros."""
+"""Compression internals: Huffman, the arithmetic coder and the packed format round-trip exactly and spend the
+bits they should; every method keeps pruned zeros; the quantize stage reports where the packed bytes go."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from runner import pruning
-from runner.compress import huffman, int8, packed, sharing
+from runner.compress import arith, contexts, huffman, int8, packed, sharing
+from runner.modelio import load_packed
 from runner.models.mlp import lenet_300_100
+from tests.conftest import mnist_recipe, read_metrics
 
 SPEC = {"name": "lenet_300_100", "args": {}}
 
@@ -30,19 +33,88 @@ def test_huffman_spends_fewer_bits_on_frequent_symbols():
     assert huffman.decode(coded).tolist() == stream.tolist()
 
 
-def test_sparse_int8_tensor_packs_with_relative_offsets_and_fillers():
-    values = torch.zeros(300, 784, dtype=torch.int8)
+def _entropy_bits(p: float, n: int) -> float:
+    return -n * (p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3)), max_size=600))
+def test_arithmetic_coder_round_trips_any_bits_under_any_contexts(pairs):
+    encoder, model = arith.Encoder(), arith.new_contexts(4)
+    for bit, context in pairs:
+        encoder.encode(bit, model[context])
+    decoder, model = arith.Decoder(encoder.finish()), arith.new_contexts(4)
+    assert [decoder.decode(model[context]) for _, context in pairs] == [bit for bit, _ in pairs]
+
+
+def test_arithmetic_coder_spends_the_entropy_of_each_context():
+    rng = np.random.default_rng(0)
+    rates = [0.02, 0.3]  # two interleaved sources: one context each
+    which = rng.integers(0, 2, 40000)
+    bits = (rng.random(40000) < np.take(rates, which)).astype(int)
+    encoder, model = arith.Encoder(), arith.new_contexts(2)
+    for bit, context in zip(bits.tolist(), which.tolist()):
+        encoder.encode(bit, model[context])
+    ideal = sum(_entropy_bits(bits[which == c].mean(), int((which == c).sum())) for c in (0, 1)) / 8  # empirical
+    assert ideal < len(encoder.finish()) < 1.01 * ideal + 16
+
+
+def _image_like_mask(rows=120, side=12, seed=0) -> np.ndarray:
+    """Each row a side x side 'image' of kept weights: a border nobody keeps, blobs in the middle."""
+    rng = np.random.default_rng(seed)
+    y, x = np.indices((side, side))
+    inside = (y > 1) & (y < side - 2) & (x > 1) & (x < side - 2)
+    smooth = rng.random((rows, side, side)) < 0.12
+    blobs = smooth | np.roll(smooth, 1, 1) | np.roll(smooth, side // 4, 2)  # vertical runs: image-up correlates
+    return (blobs & inside).reshape(rows, side * side).astype(np.int64)
+
+
+def test_mask_coder_learns_dead_columns_and_the_image_width():
+    mask = _image_like_mask()
+    lag = contexts.choose_lag(mask)
+    assert lag == 12  # one image row back: the strongest link beyond the left neighbour
+    data = contexts.encode_mask(mask, lag)
+    assert np.array_equal(contexts.decode_mask(data, *mask.shape, lag), mask)
+    order0 = _entropy_bits(mask.mean(), mask.size) / 8
+    assert len(data) < 0.75 * order0  # dead border columns and vertical runs cost (almost) nothing
+    assert len(contexts.encode_mask(mask, 0)) > len(data)  # without the lag it costs more
+
+
+def test_float_planes_round_trip_bit_for_bit():
+    values = np.array([0.0, -0.0, 1e-45, -3.4e38, np.inf, -np.inf, np.nan, 0.1, -0.02, 1.5e-3] * 7, dtype=np.float32)
+    back = contexts.decode_floats(contexts.encode_floats(values), values.size, values.dtype)
+    assert back.tobytes() == values.tobytes()
+    doubles = np.random.default_rng(0).normal(0, 0.05, 50)
+    assert contexts.decode_floats(contexts.encode_floats(doubles), 50, doubles.dtype).tobytes() == doubles.tobytes()
+
+
+def test_header_codec_round_trips_plain_data():
+    data = {"model": {"name": "lenet5", "args": {"hidden": [300, 100], "dropout": 0.25, "bn": False}},
+            "neg": [-1, -300, 2**40, None, True], "é": "ünïcode", "empty": {}, "list": []}
+    out = bytearray()
+    packed._dump(data, out)
+    assert packed._load(bytes(out), 0)[0] == data
+
+
+def test_sparse_int8_tensor_packs_smallest_and_exactly():
+    values = torch.zeros(100, 300, dtype=torch.int8)
     flat = values.view(-1)
-    positions = torch.tensor([0, 1, 40, 1000, 5000, 235199])  # gaps beyond the 5-bit field need fillers
+    positions = torch.tensor([0, 1, 40, 1000, 5000, 29999])  # gaps beyond the 5-bit field need fillers
     flat[positions] = torch.tensor([5, -7, 127, -128, 3, 1], dtype=torch.int8)
     model = nn.Module()
     model.register_buffer("codes", values)
     blob = packed.encode(model, SPEC)
-    header = packed.read_header(blob)
-    assert header["entries"]["codes"]["kind"] == "sparse"
-    assert header["entries"]["codes"]["gap_bits"] == 5
-    assert len(blob) < 3000  # vs 235,200 raw: ~7,350 fillers (one per 32 zeros) dominate, at ~2 bits each
+    entry = packed.read_header(blob)["entries"]["codes"]
+    assert entry["kind"] == "arith" and entry["background"] == 0
+    paper = packed._integer_forms(flat.numpy().astype(np.int64), (100, 300), values.numpy().tobytes())[2]
+    assert paper[0]["kind"] == "sparse_huffman" and paper[0]["gap_bits"] == 5
+    assert len(blob) < packed._size(paper) < 400  # vs 30,000 raw: ~940 fillers (one per 32 zeros) at ~2 bits each
     assert torch.equal(packed.decode_state(blob)["codes"], values)
+
+
+def test_format_1_artifacts_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="format-1.*rerun the stage"):
+        packed.decode_state(b"NNOPTDC1" + bytes(20))
 
 
 @pytest.fixture
@@ -112,3 +184,38 @@ def test_centroid_gradient_is_the_sum_of_member_gradients():
     for cluster in range(4):
         assert codebook_grad[cluster] == pytest.approx(float(dense_grad[assignment == cluster].sum()), abs=1e-5)
     assert (assignment == sharing.PRUNED).sum() == 3  # the three zeros belong to no centroid
+
+
+def test_packed_shared_model_is_exact_and_its_bytes_are_accounted_for(pruned, tmp_path):
+    shared, _ = sharing.share_weights(pruned, {"fc1.*": 5, "fc*": 6}, 20)
+    result = packed.write_packed(shared, SPEC, tmp_path / "model.dcz")
+    state = packed.decode_state(result.data)
+    assert dict(state._metadata) == {k: {"version": v["version"]} for k, v in shared.state_dict()._metadata.items()}
+    images = torch.rand(64, 1, 28, 28)
+    assert torch.equal(load_packed(tmp_path / "model.dcz")(images), shared(images))
+    breakdown = result.breakdown
+    assert breakdown["total"] == len(result.data) == sum(breakdown["streams"].values())
+    fc1 = breakdown["layers"]["fc1"]
+    assert fc1["kept"] == 23520  # 10% of 300 x 784
+    assert set(fc1) >= {"positions", "values", "biases", "codebooks", "paper_form_bytes"}
+    assert fc1["codebooks"] <= 32 * 4 and fc1["biases"] <= 300 * 4
+    assert fc1["values_bits_per_kept"] < 5.05  # 5-bit codebook indices, entropy-coded
+    assert fc1["positions"] + fc1["values"] < fc1["paper_form_bytes"]
+    assert breakdown["streams"]["header"] < 400
+
+
+@pytest.mark.slow
+def test_quantize_stage_reports_where_the_packed_bytes_go(nnopt, write_recipe, tmp_path):
+    stages = [{"name": "train", "kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+              {"name": "prune", "kind": "prune", "sparsity": 0.9},
+              {"name": "share", "kind": "quantize", "method": "weight_sharing", "bits": 4}]
+    recipe = mnist_recipe(stages, train_limit=1000)
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    metrics = read_metrics(tmp_path / recipe["name"], "03-share")
+    file = tmp_path / recipe["name"] / "03-share" / "model.dcz"
+    assert metrics["packed_breakdown"]["total"] == metrics["packed_bytes"] == file.stat().st_size
+    assert metrics["packed_breakdown"]["layers"]["fc1"]["kept"] == 23520
+    images = torch.rand(32, 1, 28, 28)
+    from runner.modelio import load_model
+    assert torch.equal(load_packed(file)(images), load_model(tmp_path / recipe["name"] / "03-share")(images))

@@ -126,6 +126,9 @@ QUANTIZE = (
     Metric("val_acc_before", "validation accuracy before quantizing", "fraction"),
     Metric("val_acc", "validation accuracy after quantizing", "fraction"),
     Metric("val_acc_drop", "val_acc_before - val_acc", "fraction"),
+    Metric("packed_breakdown.*", "where the compressed artifact's bytes go: total, per stream (header, positions, "
+                                 "values, tables, biases, codebooks, floats) and per layer (those, kept entries, bits "
+                                 "per kept entry, the paper's sparse Huffman form's bytes)", "B"),
 )
 STATIC_INT8 = (Metric("calibration_examples", "training examples the activation ranges were calibrated on"),)
 QAT = (

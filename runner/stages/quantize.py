@@ -15,7 +15,7 @@ from runner.recipe.stages import DynamicInt8, QatInt8, StaticInt8, WeightSharing
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
-PACKED_FILE = "model.dcz"  # the compressed artifact: sparse offsets, codebook indices, Huffman (Han 2016 §3-4)
+PACKED_FILE = "model.dcz"  # the compressed artifact (Han 2016 §3-4; runner.compress.packed)
 
 
 def _dynamic(spec: DynamicInt8, model, ctx: StageContext):
@@ -79,11 +79,12 @@ def run(spec, model, ctx: StageContext) -> StageResult:
                          "dynamic_int8 needs no int8 kernel for other layers; static int8 and QAT need every "
                          "operation in int8 (a residual `+` in forward() is not)") from None
     after = accuracy(quantized.eval(), val)
-    packed_bytes = write_packed(quantized, ctx.model_spec, ctx.folder / PACKED_FILE)
+    artifact = write_packed(quantized, ctx.model_spec, ctx.folder / PACKED_FILE)
+    packed_bytes = len(artifact.data)
     dense = dense_fp32_bytes(ctx.model_spec)
     metrics.update(
         val_acc_before=before["acc"], val_acc=after["acc"], val_acc_drop=round(before["acc"] - after["acc"], 6),
         model_bytes=serialized_bytes(quantized), packed_bytes=packed_bytes, dense_fp32_bytes=dense,
-        size_ratio=round(dense / packed_bytes, 3),
+        size_ratio=round(dense / packed_bytes, 3), packed_breakdown=artifact.breakdown,
     )
     return StageResult(quantized, metrics)
