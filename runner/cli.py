@@ -1,4 +1,4 @@
-"""The `nnopt` command: run, validate, schema, list. Errors are printed once here, never as tracebacks."""
+"""The `nnopt` command: run, validate, sweep, schema, list, docs, recipes, new, store. Errors are printed once here, never as tracebacks."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from runner import __version__
 from runner.errors import RecipeError, RunError, StageError
 
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_EXPECT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
 
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
@@ -56,7 +57,9 @@ def _load(args):
 def cmd_validate(args) -> int:
     recipe = _load(args)
     kinds = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
-    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`, {len(recipe.stages)} stages: {kinds}")
+    count = len(recipe.stages)
+    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`, {count} stage{'s' if count != 1 else ''}: "
+                      f"{kinds}")
     return EXIT_OK
 
 
@@ -86,12 +89,24 @@ def cmd_schema(args) -> int:
     schema = Recipe.model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "nnopt recipe"
-    print(json.dumps(schema, indent=2))
+    sys.stdout.write(json.dumps(schema, indent=2) + "\n")
+    sys.stdout.flush()  # a closed pipe (`nnopt schema | head`) surfaces here, inside main's handler
     return EXIT_OK
 
 
 def cmd_list(args) -> int:
     from rich.table import Table
+
+    if args.args:
+        from runner.fieldref import registry_rows
+
+        table = Table(title="nnopt registries and their arguments (`nnopt docs NAME` explains each field)")
+        for column in ("registry", "name", "arguments"):
+            table.add_column(column, overflow="fold")
+        for row in registry_rows():
+            table.add_row(*(escape(cell) for cell in row))
+        out_console.print(table)
+        return EXIT_OK
 
     from runner.data import DATASETS
     from runner.models import MODELS
@@ -106,6 +121,52 @@ def cmd_list(args) -> int:
                         ("schedules", SCHEDULE_NAMES)]:
         table.add_row(kind, ", ".join(names))
     out_console.print(table)
+    return EXIT_OK
+
+
+def cmd_docs(args) -> int:
+    from runner import fieldref
+
+    if args.all:
+        sys.stdout.write(fieldref.reference_page())
+        sys.stdout.flush()
+        return EXIT_OK
+    if args.key is None:
+        out_console.print("sections: " + ", ".join(section.key for section in fieldref.sections()), soft_wrap=True)
+        out_console.print("`nnopt docs KEY` shows one; `nnopt docs --all` prints the whole reference as markdown")
+        return EXIT_OK
+    sections = fieldref.find(args.key)
+    if not sections:
+        from runner.registry import did_you_mean
+
+        keys = [section.key for section in fieldref.sections()]
+        raise RunError(f"no recipe section `{args.key}`", (did_you_mean(args.key, keys) or "") + " `nnopt docs` lists them")
+    from rich.markdown import Markdown
+
+    for section in sections:
+        out_console.print(Markdown(fieldref.markdown(section)))
+    return EXIT_OK
+
+
+def cmd_recipes(args) -> int:
+    from rich.table import Table
+
+    from runner.templates import shipped
+
+    table = Table(title="shipped recipes (`nnopt new NAME --from RECIPE` copies one here)")
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("what it does", overflow="fold")
+    for template in shipped():
+        table.add_row(template.name, escape(template.description))
+    out_console.print(table)
+    return EXIT_OK
+
+
+def cmd_new(args) -> int:
+    from runner.templates import new_recipe
+
+    path = new_recipe(args.name, args.source, Path(args.dir))
+    out_console.print(f"wrote {escape(path)} (from `{escape(args.source)}`); run it with: nnopt run {escape(path)}")
     return EXIT_OK
 
 
@@ -185,7 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default: ${KEEP_VARIABLE}, else {DEFAULT_KEEP})")
     store.set_defaults(handler=cmd_store)
     commands.add_parser("schema", help="print the recipe JSON Schema").set_defaults(handler=cmd_schema)
-    commands.add_parser("list", help="list stage kinds, models, data sets, optimizers, schedules").set_defaults(handler=cmd_list)
+    listing = commands.add_parser("list", help="list stage kinds, models, data sets, optimizers, schedules")
+    listing.add_argument("--args", action="store_true", help="with each name's arguments and defaults")
+    listing.set_defaults(handler=cmd_list)
+    docs = commands.add_parser("docs", help="the recipe field reference: `nnopt docs prune`, `nnopt docs trainer`")
+    docs.add_argument("key", nargs="?", help="a section: recipe, model, data, trainer, expect, a stage kind, "
+                      "an optimizer or schedule name, or a nested block such as trainer.checkpoint")
+    docs.add_argument("--all", action="store_true", help="print every section as one markdown page")
+    docs.set_defaults(handler=cmd_docs)
+    commands.add_parser("recipes", help="list the shipped recipes").set_defaults(handler=cmd_recipes)
+    new = commands.add_parser("new", help="copy a shipped recipe to NAME.yaml to start your own")
+    new.add_argument("name", help="the new recipe's name (and file name)")
+    new.add_argument("--from", dest="source", default="prune_then_quant", help="the shipped recipe to copy "
+                     "(default: prune_then_quant; `nnopt recipes` lists them)")
+    new.add_argument("--dir", default=".", help="where to write NAME.yaml (default: here)")
+    new.set_defaults(handler=cmd_new)
     return parser
 
 
@@ -217,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except BrokenPipeError:  # the reader went away (`nnopt schema | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return EXIT_BROKEN_PIPE
     except RecipeError as error:
         _print_recipe_error(error)
         return EXIT_BAD_INPUT
