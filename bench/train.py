@@ -19,7 +19,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from runner.data.batches import TensorBatches, build_data
+from runner.data.batches import TensorBatches
+from runner.data.build import build_data
 from runner.lightning.trainer import build_trainer
 from runner.models import MODELS
 from runner.recipe import Recipe

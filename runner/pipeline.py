@@ -14,7 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from runner import artifacts, modelio
-from runner.data.batches import build_data
+from runner.data.build import build_data
 from runner.distributed import Ranks, buffers_from_zero, launch, model_from_zero, run_on_zero, state_digest
 from runner.errors import StageError
 from runner.files import read_json, write_json

@@ -8,6 +8,26 @@ import torch
 from runner.data import Splits
 
 
+def epoch_order(size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The indices one rank visits in one epoch: a permutation seeded by (seed, epoch), so every rank
+    and every resumed run draws the same one; rank r takes every world_size-th entry from r, after
+    dropping the last (size mod world_size) so every rank gets as many."""
+    if shuffle:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        order = torch.arange(size)
+    if world_size > 1:
+        order = order[: size // world_size * world_size][rank::world_size]
+    return order
+
+
+def rank_share(trainer) -> dict:
+    """Under a running multi-process fit each rank reads its share; anyone else reads everything."""
+    if trainer is None or trainer.world_size == 1:
+        return {}
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size}
+
+
 class TensorBatches:
     """Iterates (x, y) batches of tensors already in memory.
 
@@ -63,13 +83,7 @@ class TensorBatches:
         return -(-self._rank_size() // self.batch_size)
 
     def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(len(self.x), generator=generator)
-        else:
-            order = torch.arange(len(self.x))
-        if self.world_size > 1:
-            order = order[: self._rank_size() * self.world_size][self.rank::self.world_size]
+        order = epoch_order(len(self.x), self.seed, self.epoch, self.shuffle, self.rank, self.world_size)
         sharded = self.shuffle or self.world_size > 1
         skip = self._resume_at[1] if self._resume_at is not None and self._resume_at[0] == self.epoch else 0
         self._resume_at = None
@@ -120,25 +134,11 @@ class InMemoryData(pl.LightningDataModule):
         x, y = getattr(self, split)
         return x[:count], y[:count]
 
-    def _shard(self) -> dict:
-        """Under a running multi-process fit each rank reads its share; anyone else reads everything."""
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return {}
-        return {"rank": trainer.global_rank, "world_size": trainer.world_size}
-
     def train_dataloader(self):
-        return TensorBatches(*self.train, self.batch_size, shuffle=True, seed=self.seed, **self._shard())
+        return TensorBatches(*self.train, self.batch_size, shuffle=True, seed=self.seed, **rank_share(self.trainer))
 
     def val_dataloader(self):
-        return TensorBatches(*self.val, self.eval_batch_size, shuffle=False, **self._shard())
+        return TensorBatches(*self.val, self.eval_batch_size, shuffle=False, **rank_share(self.trainer))
 
     def test_dataloader(self):
-        return TensorBatches(*self.test, self.eval_batch_size, shuffle=False, **self._shard())
-
-
-def build_data(spec, seed: int):
-    """Build the recipe's `data:` block (a DataSpec) into a data module (runner.data.build chooses which)."""
-    from runner.data.build import build_data as build
-
-    return build(spec, seed)
+        return TensorBatches(*self.test, self.eval_batch_size, shuffle=False, **rank_share(self.trainer))

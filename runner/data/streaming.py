@@ -10,21 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from runner.data import DatasetSplits, DataUnavailable
+from runner.data.batches import epoch_order, rank_share
 
 SPLITS = ("train", "val", "test")
-
-
-def epoch_order(size: int, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """The indices one rank visits in one epoch: a permutation seeded by (seed, epoch), so every rank
-    and every resumed run draws the same one; rank r takes every world_size-th entry from r, after
-    dropping the last (size mod world_size) so every rank gets as many."""
-    if shuffle:
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    else:
-        order = torch.arange(size)
-    if world_size > 1:
-        order = order[: size // world_size * world_size][rank::world_size]
-    return order
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:
@@ -185,13 +173,6 @@ class StreamingData(pl.LightningDataModule):
         images, labels = zip(*pairs)
         return _stack(images, split), torch.tensor(labels, dtype=torch.int64)
 
-    def _shard(self) -> dict:
-        """Under a running multi-process fit each rank reads its share; anyone else reads everything."""
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return {}
-        return {"rank": trainer.global_rank, "world_size": trainer.world_size}
-
     def _loader_options(self) -> dict:
         workers = resolve_workers(self.loader.workers)
         pin = self.loader.pin_memory
@@ -204,17 +185,18 @@ class StreamingData(pl.LightningDataModule):
                 options["prefetch_factor"] = self.loader.prefetch_factor
         return options
 
-    def train_dataloader(self):
-        return StreamingBatches(self._train, self.batch_size, shuffle=True, seed=self.seed, **self._shard(),
+    def _batches(self, dataset: Split, batch_size: int, shuffle: bool) -> StreamingBatches:
+        return StreamingBatches(dataset, batch_size, shuffle, seed=self.seed, **rank_share(self.trainer),
                                 **self._loader_options())
+
+    def train_dataloader(self):
+        return self._batches(self._train, self.batch_size, shuffle=True)
 
     def val_dataloader(self):
-        return StreamingBatches(self._eval["val"], self.eval_batch_size, shuffle=False, **self._shard(),
-                                **self._loader_options())
+        return self._batches(self._eval["val"], self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self):
-        return StreamingBatches(self._eval["test"], self.eval_batch_size, shuffle=False, **self._shard(),
-                                **self._loader_options())
+        return self._batches(self._eval["test"], self.eval_batch_size, shuffle=False)
 
 
 def _stack(images, split: str) -> torch.Tensor:
