@@ -12,6 +12,7 @@ from rich.table import Table
 from runner import __version__, plots
 from runner.files import write_json, write_text
 from runner.outcome import StageOutcome
+from runner.summary import summary_table  # noqa: F401  (the terminal summary; pipeline prints it)
 from runner.verdicts import Verdict, flat_metrics, judge, run_metrics, verdict_lines
 
 # The metrics worth a column in the one-row-per-stage summary, in this order.
@@ -34,16 +35,6 @@ def _cell(value) -> str:
 
 def _columns(outcomes: list[StageOutcome]) -> list[str]:
     return [key for key in HEADLINE if any(key in o.metrics for o in outcomes)]
-
-
-def summary_table(recipe_name: str, outcomes: list[StageOutcome]) -> Table:
-    table = Table(title=f"nnopt run: {recipe_name}")
-    for column in ["stage", "kind", "status", "seconds"] + _columns(outcomes):
-        table.add_column(column, justify="left" if column in ("stage", "kind", "status") else "right")
-    for o in outcomes:
-        table.add_row(o.name, o.kind, o.status, f"{o.seconds:.1f}",
-                      *(_cell(o.metrics.get(c)) for c in _columns(outcomes)))
-    return table
 
 
 def _final(outcomes: list[StageOutcome], key: str) -> dict:
