@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
     recipe = _load(args)
     from runner.experiment import run_experiment
 
-    result = run_experiment(recipe, Path(args.output_dir) / recipe.name, out_console,
+    result = run_experiment(recipe, Path(args.output_dir) / recipe.name, out_console, recipe_file=Path(args.recipe),
                             force=args.force, start=args.start, only=args.only)
     if args.check and not result.passed:
         failed = ", ".join(v.metric for v in result.verdicts if not v.passed)

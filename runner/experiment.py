@@ -11,6 +11,7 @@ from rich.console import Console
 
 from runner.pipeline import run_recipe
 from runner.report import seeds_table, write_seed_report
+from runner.store import Store, claim, store_of
 from runner.verdicts import Verdict, flat_metrics, judge, verdict_table
 
 
@@ -44,20 +45,26 @@ def aggregate(per_seed: list[dict[str, float]]) -> tuple[dict[str, float], dict[
     return means, spread
 
 
-def run_experiment(recipe, run_dir: Path, console: Console, **run_options) -> Result:
+def run_experiment(recipe, run_dir: Path, console: Console, *, recipe_file: Path | None = None,
+                   store: Store | None = None, **run_options) -> Result:
     """Run `recipe` into `run_dir`; with `seeds`, each seed into `run_dir/seed-<k>/` plus a summary in `run_dir`.
 
-    `run_options` go to every run_recipe call (force, start, only).
+    The seeds share one stage store: `store`, by default `run_dir/.store` (a sweep passes its recipe's).
+    With `recipe_file`, `run_dir` must belong to that file or to nobody yet (runner.store.claim; `force`
+    takes it over). `run_options` go to every run_recipe call (force, start, only).
     """
     run_dir = Path(run_dir)
+    if recipe_file is not None:
+        claim(run_dir, recipe_file, take_over=run_options.get("force", False))
+    store = store if store is not None else store_of(run_dir)
     if recipe.seeds is None:
-        values = flat_metrics(run_recipe(recipe, run_dir.parent, console, run_dir=run_dir, **run_options))
+        values = flat_metrics(run_recipe(recipe, run_dir.parent, console, run_dir=run_dir, store=store, **run_options))
         return Result(values, None, judge(recipe.expect, values), [run_dir])
 
     per_seed, run_dirs = [], []
     for single, folder in single_runs(recipe, run_dir):
         console.rule(f"{recipe.name}: seed {single.seed}")
-        per_seed.append(flat_metrics(run_recipe(single, run_dir, console, run_dir=folder, **run_options)))
+        per_seed.append(flat_metrics(run_recipe(single, run_dir, console, run_dir=folder, store=store, **run_options)))
         run_dirs.append(folder)
     means, spread = aggregate(per_seed)
     verdicts = judge(recipe.expect, means, spread)

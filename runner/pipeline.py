@@ -25,6 +25,7 @@ from runner.outcome import StageOutcome
 from runner.plan import PlannedStage, make_plan
 from runner.report import summary_table, write_reports
 from runner.stages import STAGES, StageContext, StageResult
+from runner.store import Store, keep_setting, store_of
 from runner.verdicts import verdict_table
 
 
@@ -41,16 +42,20 @@ def print_plan(plan: list[PlannedStage], console: Console) -> None:
 
 
 def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = False, start: str | None = None,
-               only: str | None = None, run_dir: Path | None = None) -> list[StageOutcome]:
+               only: str | None = None, run_dir: Path | None = None, store: Store | None = None) -> list[StageOutcome]:
     """Plan, execute and report one run; returns one outcome per stage.
 
-    The run folder is `output_root/<recipe name>` unless `run_dir` says otherwise (seeds, sweep points).
+    The run folder is `output_root/<recipe name>` unless `run_dir` says otherwise (seeds, sweep points);
+    its stage artifacts live in `store` (default: the run folder's own `.store`), which the seeds and
+    sweep points of a recipe share. After the run, the store is pruned to its bound (runner.store).
 
     Under a multi-process strategy every rank runs this: training stages on every rank, any
     other stage on global rank 0 (its model is then sent to the others); only rank 0 takes the
     run folder's lock, plans (the others follow its plan, whatever their view of the disk) and writes.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(output_root) / recipe.name
+    store = store if store is not None else store_of(run_dir)
+    keep = keep_setting()  # a bad $NNOPT_STORE_KEEP stops the run before it starts, not after
     ranks = launch(recipe.trainer)
     if not ranks.is_zero:
         console = Console(quiet=True)
@@ -58,13 +63,16 @@ def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = Fal
         def lock_and_plan():
             artifacts.refuse_link(run_dir)
             held.enter_context(run_lock(run_dir))
-            return make_plan(recipe, run_dir, force=force, start=start, only=only)
+            held.enter_context(store.in_use())
+            return make_plan(recipe, run_dir, store, force=force, start=start, only=only)
 
         plan = ranks.from_zero(run_on_zero(ranks, "plan", lock_and_plan))
         print_plan(plan, console)
         started = _now()
-        outcomes = execute(recipe, plan, console, ranks)
+        outcomes = execute(recipe, plan, console, ranks, store)
         verdicts = write_reports(run_dir, recipe, outcomes, started, _now()) if ranks.is_zero else []
+    if ranks.is_zero:
+        store.prune(keep)  # skipped (None) while another run uses the store
     console.print(summary_table(recipe.name, outcomes))
     if recipe.expect is not None:
         console.print(verdict_table(recipe.expect.source, verdicts))
@@ -113,11 +121,12 @@ def _load_finished(folder: Path, stage: str) -> nn.Module:
         return modelio.load_model(folder)
     except Exception as error:  # tampered with or damaged after it was finished: never trusted, never unpickled
         raise StageError(stage, f"the finished artifact it starts from, {folder}, does not load: {error}",
-                         f"delete {folder} (or rerun with --from {folder.name.split('-', 1)[1]}) to rebuild it") from None
+                         f"rerun with --from {folder.name.split('-', 1)[1]} to rebuild it") from None
 
 
-def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks) -> list[StageOutcome]:
-    """Run the planned stages in order, committing each one that runs; reused and skipped ones are reported."""
+def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks, store: Store) -> list[StageOutcome]:
+    """Run the planned stages in order, each built apart in the store and committed once complete; a reused
+    stage's numbered folder is pointed at its finished artifact; reused and skipped ones are reported."""
     if recipe.trainer.threads is not None:
         torch.set_num_threads(recipe.trainer.threads)
     data = functools.cache(lambda: build_data(recipe.data, recipe.seed))
@@ -127,6 +136,8 @@ def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks) ->
     for step in plan:
         spec = step.spec
         if step.action != "run":
+            if ranks.is_zero and step.reuse and store.shown(step.folder) != step.artifact:
+                store.show(step.folder, step.artifact)  # a config run before (A -> B -> A), or by another seed or point
             models.passed_over(step)
             finished = ranks.is_zero and (step.action == "reuse" or artifacts.is_done(step.folder, step.fingerprint))
             outcomes.append(StageOutcome(spec.name, spec.kind, "reused" if step.action == "reuse" else "skipped",
@@ -135,20 +146,22 @@ def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks) ->
             continue
         model = models.for_stage(spec.name)
         console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
-        if ranks.is_zero:
-            artifacts.reset(step.folder, step.fingerprint, resume=step.resume)
-        seed = recipe.seed + step.index
-        pl.seed_everything(seed, verbose=False)
-        settings = recipe.trainer if spec.runs_on_every_rank else recipe.trainer.one_process()
-        ctx = StageContext(name=spec.name, folder=step.folder, seed=seed, data=data,
-                           trainer=functools.partial(build_trainer, settings), model_spec=recipe.model,
-                           load=functools.partial(models.load, spec.name),
-                           artifact=functools.partial(models.artifact, spec.name))
-        start = time.perf_counter()
-        result = run_stage(spec, model, ctx, ranks, recipe.model)
-        seconds = time.perf_counter() - start
-        if ranks.is_zero:
-            commit_stage(step, result, recipe.model)
+        with ExitStack() as building:
+            if ranks.is_zero:
+                building.enter_context(store.building_lock(step.fingerprint))
+                store.begin(step.fingerprint, spec.model_dump(mode="json"), resume=step.resume)
+            seed = recipe.seed + step.index
+            pl.seed_everything(seed, verbose=False)
+            settings = recipe.trainer if spec.runs_on_every_rank else recipe.trainer.one_process()
+            ctx = StageContext(name=spec.name, folder=store.building(step.fingerprint), seed=seed, data=data,
+                               trainer=functools.partial(build_trainer, settings), model_spec=recipe.model,
+                               load=functools.partial(models.load, spec.name),
+                               artifact=functools.partial(models.artifact, spec.name))
+            start = time.perf_counter()
+            result = run_stage(spec, model, ctx, ranks, recipe.model)
+            seconds = time.perf_counter() - start
+            if ranks.is_zero:
+                commit_stage(step, ctx.folder, result, recipe.model, store)
         models.current = result.model
         models.finished[spec.name] = step.folder
         outcomes.append(StageOutcome(spec.name, spec.kind, "ran", str(step.folder), step.fingerprint,
@@ -171,12 +184,12 @@ def run_stage(spec, model: nn.Module, ctx: StageContext, ranks: Ranks, model_spe
                        ranks.from_zero(result and result.metrics))
 
 
-def commit_stage(step: PlannedStage, result: StageResult, model_spec) -> None:
-    """Write the finished stage's artifact: model, metrics and resolved config, then DONE, last."""
-    modelio.save_model(result.model, step.folder, model_spec)
-    write_json(step.folder / artifacts.METRICS, result.metrics)
-    write_json(step.folder / artifacts.CONFIG, step.spec.model_dump(mode="json"))
-    artifacts.mark_done(step.folder, step.fingerprint)  # last: the stage is complete only now
+def commit_stage(step: PlannedStage, folder: Path, result: StageResult, model_spec, store: Store) -> None:
+    """Write the finished stage's artifact into the folder it was built in (its resolved config is there
+    since the build began), then commit it: DONE last, into the store, and the numbered folder switched to it."""
+    modelio.save_model(result.model, folder, model_spec)
+    write_json(folder / artifacts.METRICS, result.metrics)
+    store.commit(step.fingerprint, step.folder)
 
 
 def _same_on_every_rank(ranks: Ranks, stage: str, model) -> list[str]:

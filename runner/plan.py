@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from runner import __version__
-from runner.artifacts import checkpoint_position, is_done, resume_points, stage_dir
+from runner.artifacts import DONE, checkpoint_position, resume_points, stage_dir
 from runner.errors import Issue, RecipeError
 from runner.registry import did_you_mean
+from runner.store import Store
 
 Action = Literal["run", "reuse", "skip"]
 
@@ -20,11 +21,12 @@ Action = Literal["run", "reuse", "skip"]
 class PlannedStage:
     index: int
     spec: object  # the stage's validated spec
-    folder: Path
+    folder: Path  # the numbered stage folder: shows the stage's current artifact in the store
     fingerprint: str
     action: Action
     reason: str
     resume: bool = True  # False when a flag asked for this stage: it starts afresh, its checkpoints dropped
+    artifact: Path | None = None  # the store's finished artifact of this config, if any
 
     @property
     def reuse(self) -> bool:
@@ -59,25 +61,29 @@ def fingerprints(recipe) -> list[str]:
     return result
 
 
-def _why_not_reused(folder: Path, fingerprint: str) -> str:
-    if not folder.exists():
-        return "new"
-    if (folder / "DONE").exists():
-        return "config changed"
-    points = resume_points(folder, fingerprint)
+def _why_not_reused(folder: Path, building: Path, fingerprint: str) -> str:
+    points = resume_points(building, fingerprint)
     if points:
         where = []
         for point in points:
             position = checkpoint_position(point)
-            part = "" if point.parent.parent == folder else f"{point.parent.parent.name} "
+            part = "" if point.parent.parent == building else f"{point.parent.parent.name} "
             where.append(f"{part}step {position['step']} (epoch {position['epoch']})" if position else part.strip())
         return "unfinished: resumes from its last checkpoint" + (f" at {', '.join(w for w in where if w)}" if any(where) else "")
+    if (folder / DONE).is_file():
+        return "config changed"
+    if not folder.exists() and not building.exists():
+        return "new"
     return "unfinished artifact: redone"
 
 
-def make_plan(recipe, run_dir: Path, *, force: bool = False, start: str | None = None,
+def _reused(folder: Path, artifact: Path, store: Store) -> str:
+    return "finished artifact matches" + ("" if store.shown(folder) == artifact else " (kept in the store)")
+
+
+def make_plan(recipe, run_dir: Path, store: Store, *, force: bool = False, start: str | None = None,
               only: str | None = None) -> list[PlannedStage]:
-    """Reuse every leading stage whose DONE marker holds its fingerprint; run the rest.
+    """Reuse every leading stage whose config (fingerprint) has a finished artifact in the store; run the rest.
 
     Editing stage k changes the fingerprints of k and everything after it (each includes its
     upstream's), so k and later rerun and nothing before does. `force` reruns everything,
@@ -92,7 +98,10 @@ def make_plan(recipe, run_dir: Path, *, force: bool = False, start: str | None =
     only_index = _stage_index(names, "--only", only) if only is not None else None
     prints = fingerprints(recipe)
     folders = [stage_dir(run_dir, index, name) for index, name in enumerate(names)]
-    done = [is_done(folder, fp) for folder, fp in zip(folders, prints)]
+    for folder in folders:
+        store.prepare(folder)
+    finished = [store.finished(fp) for fp in prints]
+    done = [artifact is not None for artifact in finished]
 
     if only_index is not None and only_index > 0 and not done[only_index - 1]:
         upstream = names[only_index - 1]
@@ -108,17 +117,19 @@ def make_plan(recipe, run_dir: Path, *, force: bool = False, start: str | None =
                 action, reason = "run", "--only"
             else:
                 action = "reuse" if done[index] and index < only_index else "skip"
-                reason = "finished artifact matches" if action == "reuse" else f"--only {only}"
+                reason = _reused(folders[index], finished[index], store) if action == "reuse" else f"--only {only}"
         elif force:
             action, reason = "run", "--force"
         elif first_forced is not None and index >= first_forced:
             action, reason = "run", f"--from {start}"
         elif all_reused and done[index]:
-            action, reason = "reuse", "finished artifact matches"
+            action, reason = "reuse", _reused(folders[index], finished[index], store)
         else:
             action = "run"
-            reason = "an earlier stage runs" if not all_reused else _why_not_reused(folders[index], prints[index])
+            reason = ("an earlier stage runs" if not all_reused
+                      else _why_not_reused(folders[index], store.building(prints[index]), prints[index]))
         all_reused = all_reused and action == "reuse"
         flagged = reason.startswith("--")
-        plan.append(PlannedStage(index, spec, folders[index], prints[index], action, reason, resume=not flagged))
+        plan.append(PlannedStage(index, spec, folders[index], prints[index], action, reason, resume=not flagged,
+                                 artifact=finished[index]))
     return plan

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from runner import artifacts, plots
-from runner.files import write_json, write_text
+from runner import plots
 from runner.errors import Issue, RecipeError
-from runner.experiment import Result, run_experiment, single_runs
-from runner.plan import make_plan
+from runner.experiment import Result, run_experiment
+from runner.files import write_json, write_text
 from runner.recipe import validate_source
 from runner.recipe.overrides import apply_overrides
 from runner.recipe.source import read_source
+from runner.store import claim, store_of
 from runner.verdicts import format_value
 
 # What a point reports in the summary (run-level metrics of runner.recipe.expect.RUN_METRICS), in this order.
@@ -75,10 +74,12 @@ def _folder_name(index: int, label: str) -> str:
 
 def plan_points(path: str, overrides: list[str], axes: list[str], output_root: Path) -> tuple[Path, list[Point]]:
     """The sweep folder and every grid point, validated before anything runs; errors name the override
-    that caused them. Points live under the recipe's own name, whatever the axes change."""
+    that caused them. Points live under the recipe's own name, whatever the axes change, and that folder
+    must belong to this recipe file (runner.store.claim)."""
     grid = parse_axes(str(path), axes)
     base = validate_source(apply_overrides(read_source(path), overrides))
     sweep_dir = Path(output_root) / base.name / "sweep"
+    claim(sweep_dir.parent, Path(path))
     points = []
     for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
         point_overrides = [f"{key}={value}" for (key, _), value in zip(grid, combo)]
@@ -86,21 +87,6 @@ def plan_points(path: str, overrides: list[str], axes: list[str], output_root: P
         label = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(grid, combo))
         points.append(Point(label, point_overrides, recipe, sweep_dir / _folder_name(index, label)))
     return sweep_dir, points
-
-
-def adopt_finished_stages(recipe, run_dir: Path, earlier: list[Path]) -> None:
-    """Copy finished stages an earlier point already ran with the same fingerprint (a shared baseline
-    trains once per sweep). Fingerprints chain through upstream stages, so a copy is exactly what a
-    rerun would produce."""
-    for step in make_plan(recipe, run_dir):
-        if step.reuse:
-            continue
-        donor = next((d / step.folder.name for d in earlier if artifacts.is_done(d / step.folder.name, step.fingerprint)), None)
-        if donor is None:
-            return
-        if step.folder.exists():
-            shutil.rmtree(step.folder)
-        shutil.copytree(donor, step.folder)
 
 
 def _point_values(point: Point) -> dict:
@@ -116,14 +102,12 @@ def _point_values(point: Point) -> dict:
 
 
 def run_sweep(sweep_dir: Path, points: list[Point], console: Console) -> list[dict]:
-    done: list[Path] = []
+    """Run every point into its folder. The points share the recipe's stage store, so a stage config that
+    one point (or a plain run of the recipe) finished is reused by the others: a shared baseline trains once."""
+    store = store_of(sweep_dir.parent)
     for point in points:
         console.rule(f"sweep point {point.label}")
-        runs = single_runs(point.recipe, point.folder)
-        for single, run_dir in runs:
-            adopt_finished_stages(single, run_dir, done)
-        point.result = run_experiment(point.recipe, point.folder, console)
-        done += [run_dir for _, run_dir in runs]
+        point.result = run_experiment(point.recipe, point.folder, console, store=store)
     rows = [_point_values(p) for p in points]
     write_summary(sweep_dir, points[0].recipe, rows, console)
     return rows

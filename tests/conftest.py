@@ -58,5 +58,14 @@ def mnist_recipe(stages: list[dict], train_limit: int = 5000, **top) -> dict:
             "trainer": {"progress_bar": False}, "stages": stages, **top}
 
 
+def building_folder(recipe_output: Path, recipe_file: Path, index: int = 0) -> Path:
+    """Where stage `index` of a recipe file is built, with its resume checkpoints, until it is finished."""
+    from runner.plan import fingerprints
+    from runner.recipe import load_recipe
+    from runner.store import store_of
+
+    return store_of(recipe_output).building(fingerprints(load_recipe(recipe_file))[index])
+
+
 def read_metrics(run_dir: Path, folder: str) -> dict:
     return json.loads((run_dir / folder / "metrics.json").read_text())

@@ -16,7 +16,7 @@ import runner
 from runner.artifacts import CHECKPOINT_OWNER, CHECKPOINTS, LAST_CHECKPOINT
 from runner.plan import fingerprints
 from runner.recipe import load_recipe
-from tests.conftest import synthetic_recipe
+from tests.conftest import building_folder, synthetic_recipe
 
 
 def two_trainings(second_lr: float) -> dict:
@@ -41,8 +41,7 @@ def test_full_disk_is_a_clear_error_and_leaves_no_half_files(nnopt, write_recipe
     monkeypatch.setattr(os, "fsync", disk_full)
     code, _, err = nnopt("run", write_recipe(synthetic_recipe(epochs=1)), "-O", tmp_path / "out")
     assert code == 1 and "the disk is full" in err and "rerun to continue" in err
-    stage = tmp_path / "out" / "tiny" / "01-train"
-    assert not (stage / "DONE").exists() and not list(stage.glob(".*.tmp"))
+    assert not (tmp_path / "out" / "tiny" / "01-train").exists() and not list((tmp_path / "out").rglob("*.tmp"))
 
 
 def test_unwritable_output_folder_is_a_clear_error(nnopt, write_recipe, tmp_path):
@@ -78,12 +77,12 @@ def test_tampered_checkpoint_and_artifact_never_run_code(nnopt, write_recipe, tm
     recipe, marker = synthetic_recipe(epochs=1), tmp_path / "pwned"
     path = write_recipe(recipe)
     assert nnopt("run", path, "-O", tmp_path / "out")[0] == 0
-    train = tmp_path / "out" / "tiny" / "01-train"
+    train, building = tmp_path / "out" / "tiny" / "01-train", building_folder(tmp_path / "out" / "tiny", path)
     # A poisoned checkpoint where a resumable one would be (with the right owner mark) is dropped...
     (train / "DONE").unlink()
-    (train / CHECKPOINTS).mkdir()
-    (train / CHECKPOINTS / CHECKPOINT_OWNER).write_text(fingerprints(load_recipe(path))[0])
-    (train / CHECKPOINTS / LAST_CHECKPOINT).write_bytes(pickle.dumps({"state_dict": _Exploit(marker)}))
+    (building / CHECKPOINTS).mkdir(parents=True)
+    (building / CHECKPOINTS / CHECKPOINT_OWNER).write_text(fingerprints(load_recipe(path))[0])
+    (building / CHECKPOINTS / LAST_CHECKPOINT).write_bytes(pickle.dumps({"state_dict": _Exploit(marker)}))
     code, out, err = nnopt("run", path, "-O", tmp_path / "out")
     assert code == 0 and "resumes from its last checkpoint" in out and not marker.exists()
     assert "not resuming from" in err and "does not load as plain tensors (UnpicklingError)" in err

@@ -15,7 +15,7 @@ import yaml
 
 from runner.cli import main
 from runner.lightning.resume import ResumePoints
-from tests.conftest import mnist_recipe, read_metrics, synthetic_recipe
+from tests.conftest import building_folder, mnist_recipe, read_metrics, synthetic_recipe
 
 TIMING = {"fit_seconds", "samples_per_second", "resumed"}
 
@@ -73,7 +73,7 @@ def test_interrupted_training_resumes_bit_identical(nnopt, write_recipe, tmp_pat
         code, _, err = nnopt("run", recipe, "-O", tmp_path / "interrupted")
     assert code == 130 and f"nnopt run {recipe} -O {tmp_path / 'interrupted'}" in err
     run_dir = tmp_path / "interrupted" / "tiny"
-    assert not (run_dir / "01-train" / "DONE").exists() and (run_dir / "01-train" / "checkpoint" / "last.ckpt").is_file()
+    assert not (run_dir / "01-train").exists() and (building_folder(run_dir, recipe) / "checkpoint" / "last.ckpt").is_file()
 
     code, out, _ = nnopt("run", recipe, "-O", tmp_path / "interrupted")
     assert code == 0 and f"train (train): unfinished: resumes from its last checkpoint at step {saved[-1]}" in out
@@ -82,6 +82,7 @@ def test_interrupted_training_resumes_bit_identical(nnopt, write_recipe, tmp_pat
     assert (train, evaluate) == expected[:2]
     assert weights.keys() == expected[2].keys() and all(torch.equal(weights[k], expected[2][k]) for k in weights)
     assert not (run_dir / "01-train" / "checkpoint").exists()  # superseded by the finished artifact
+    assert not building_folder(run_dir, recipe).exists()  # moved whole into the store
 
 
 def test_gradual_pruning_resumes_with_its_masks_schedule_and_generator(nnopt, write_recipe, tmp_path, monkeypatch):
@@ -159,7 +160,7 @@ def test_checkpoint_of_another_config_is_not_resumed(nnopt, write_recipe, tmp_pa
         assert nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")[0] == 130
     recipe["stages"][0]["optimizer"]["lr"] = 0.02
     code, out, _ = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
-    assert code == 0 and "train (train): unfinished artifact: redone" in out
+    assert code == 0 and "train (train): new" in out  # config A's checkpoints stay in its own build folder
     assert "resumed" not in read_metrics(tmp_path / "out" / "tiny", "01-train")
 
 
@@ -226,7 +227,7 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(write_reci
 
     victim = nnopt_process(path, tmp_path / "killed")
     stage = tmp_path / "killed" / "mnist_small" / "01-train"
-    position = stage / "checkpoint" / "last.json"
+    position = building_folder(tmp_path / "killed" / "mnist_small", path) / "checkpoint" / "last.json"
     while victim.poll() is None:
         if position.is_file() and json.loads(position.read_text())["step"] >= 70:  # into the second epoch
             victim.send_signal(signal.SIGKILL)
