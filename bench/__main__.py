@@ -1,6 +1,6 @@
 """`python -m bench`: training throughput, recipe wall time and artifact latency, measured
 interleaved in one process (each repeat runs every variant, in rotating order, so machine noise
-hits them alike); writes medians and per-repeat ratios to bench/results.json and README."""
+hits them alike); writes medians and per-repeat ratios to bench/results.json and runner/CONTRIBUTING.md."""
 
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--forwards", type=int, default=50, help="forward passes per latency sample")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned: the machine is shared)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
-                        help="README whose bench table to rewrite; `-` for none")
+    parser.add_argument("--readme", type=Path, default=ROOT / "runner" / "CONTRIBUTING.md",
+                        help="the page whose bench table to rewrite (default: runner/CONTRIBUTING.md); `-` for none")
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""The bench results as markdown, written between two markers in README."""
+"""The bench results as markdown, written between two markers in runner/CONTRIBUTING.md."""
 
 from __future__ import annotations
 
