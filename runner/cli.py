@@ -48,14 +48,20 @@ def _overrides(args) -> list[str]:
     return args.override + ([f"seeds=[{seeds}]"] if seeds else [])
 
 
-def _load(args):
+def _load(args, build_user_code: bool = False):
     from runner.recipe import load_recipe
 
-    return load_recipe(args.recipe, _overrides(args))
+    recipe = load_recipe(args.recipe, _overrides(args), build_user_code)
+    for issue in recipe.warnings:  # legal but suspicious settings; run.json records them too
+        field = f"[bold]{escape(issue.field)}[/]: " if issue.field else ""
+        err_console.print(f"[yellow]warning[/]: [cyan]{escape(issue.location())}[/]: {field}{escape(issue.message)}")
+        if issue.hint:
+            err_console.print(f"    [yellow]hint[/]: {escape(issue.hint)}")
+    return recipe
 
 
 def cmd_validate(args) -> int:
-    recipe = _load(args)
+    recipe = _load(args, build_user_code=args.build_model)
     kinds = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
     count = len(recipe.stages)
     out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`, {count} stage{'s' if count != 1 else ''}: "
@@ -64,7 +70,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    recipe = _load(args)
+    recipe = _load(args, build_user_code=True)  # the run builds the model anyway: check it before any stage
     from runner.experiment import run_experiment
 
     result = run_experiment(recipe, Path(args.output_dir) / recipe.name, out_console, recipe_file=Path(args.recipe),
@@ -238,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "the product; each value is validated like -o)")
     seeds_option(sweep)
     sweep.set_defaults(handler=cmd_sweep)
-    with_recipe("validate", "check a recipe without running anything").set_defaults(handler=cmd_validate)
+    validate = with_recipe("validate", "check a recipe without running anything")
+    validate.add_argument("--build-model", action="store_true", help="also build an `import:` model factory (runs "
+                          "your code) to check it against the data and the stages, as `run` does before any stage")
+    validate.set_defaults(handler=cmd_validate)
     store = commands.add_parser("store", help="list the finished stage artifacts kept for a recipe's output folder; prune them")
     store.add_argument("folder", help="a recipe's output folder (outputs/<name>), or a run or stage folder in it")
     store.add_argument("--prune", action="store_true", help="remove what the bound does not keep (never a current artifact)")

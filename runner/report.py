@@ -76,6 +76,8 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
         "started": started,
         "finished": finished,
         "stages": [o.to_json() for o in outcomes],
+        # legal but suspicious settings `validate` found (runner.recipe.semantics), as they were printed
+        "warnings": [str(issue) for issue in getattr(recipe, "warnings", [])],
     })
     derived = run_metrics(outcomes)
     verdicts = judge(recipe.expect, flat_metrics(outcomes))

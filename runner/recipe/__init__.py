@@ -11,10 +11,13 @@ from runner.recipe.checks import check_names, check_recipe
 from runner.recipe.locate import issues_from_validation
 from runner.recipe.overrides import apply_overrides
 from runner.recipe.schema import Recipe
+from runner.recipe.semantics import check_semantics
 from runner.recipe.source import Source, read_source
 
 
-def validate_source(source: Source) -> Recipe:
+def validate_source(source: Source, build_user_code: bool = False) -> Recipe:
+    """The validated recipe with its warnings (`recipe.warnings`); `build_user_code` lets the dry build of the
+    model call an `import:` factory."""
     try:
         # The context lets the model spec resolve paths and imports relative to the recipe file.
         recipe = Recipe.model_validate(source.data, context={"source": source})
@@ -23,15 +26,19 @@ def validate_source(source: Source) -> Recipe:
         issues = issues_from_validation(err, source, Recipe) + check_names(source)
         raise RecipeError(sorted(issues, key=lambda i: (i.line or 0, i.column or 0))) from None
     issues = check_recipe(recipe, source)
+    # The dry build needs names and arguments that resolve: it runs once the checks above pass.
+    found = check_semantics(recipe, source, build_user_code, dry_build=not issues)
+    issues += found.errors
     if issues:
-        raise RecipeError(issues)
+        raise RecipeError(sorted(issues, key=lambda i: (i.line or 0, i.column or 0)))
+    recipe.warnings.extend(found.warnings)
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, build_user_code: bool = False) -> Recipe:
     """The validated recipe, or a RecipeError listing every problem found."""
     source = apply_overrides(read_source(path), overrides or [])
-    return validate_source(source)
+    return validate_source(source, build_user_code)
 
 
 __all__ = ["Recipe", "load_recipe", "validate_source"]

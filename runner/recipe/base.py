@@ -7,11 +7,14 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from runner.recipe import states
+
 
 class Spec(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored)."""
+    """Unknown keys are errors (a typo must never be silently ignored); so are infinite and NaN numbers,
+    which no field means (`lr: .inf` would train to NaN)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     # A stage spec that trains sets this: under a multi-process strategy every rank runs it, while
     # any other stage runs on global rank 0 and its resulting model is sent to the others.
@@ -19,8 +22,16 @@ class Spec(BaseModel):
     # A stage spec lists the metrics its stage writes (runner.recipe.metrics); `expect` and the report read them.
     stage_metrics: ClassVar[tuple] = ()
 
+    # A stage spec says which model forms (runner.recipe.states) it can take, and the form it hands on
+    # (None: the form it was given); `validate` walks the recipe through them.
+    model_accepts: ClassVar[frozenset[str]] = states.ANY
+    model_produces: ClassVar[str | None] = None
+
     def declared_metrics(self) -> tuple:
         return type(self).stage_metrics
+
+    def accepted_models(self) -> frozenset[str]:
+        return type(self).model_accepts
 
 
 def variants(union) -> list[type]:
@@ -42,6 +53,16 @@ def tag_values(union, field: str) -> list[str]:
 
 # A name that is safe as a folder name: it can never climb out of the output folder.
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", min_length=1)]
+
+
+def _addressable(name: str) -> str:
+    if "." in name:
+        raise ValueError(f"a stage name cannot contain `.`: `expect` names a stage's metric as `stage.metric` and "
+                         f"`-o` a field as `stages.stage.field`, so `{name}` could not be addressed; use `_` or `-`")
+    return name
+
+
+StageName = Annotated[Slug, AfterValidator(_addressable)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]

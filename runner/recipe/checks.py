@@ -3,7 +3,6 @@ factory arguments, and parameter patterns that must match the built model."""
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import inspect
 import typing
@@ -17,7 +16,7 @@ from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
 from runner.recipe.locate import dotted
 from runner.recipe.references import check_stage_references
 from runner.recipe.schema import Recipe
-from runner.recipe.source import Source
+from runner.recipe.source import Source, shorten
 from runner.registry import Registry, UnknownName, did_you_mean
 
 
@@ -25,7 +24,7 @@ def _issue(source: Source, path: tuple, message: str, hint: str | None = None) -
     line, column = source.position(path)
     if path in source.overridden:
         hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
-    return Issue(source.file, line, column, dotted(path), message, hint)
+    return Issue(source.file, line, column, shorten(dotted(path)), shorten(message, 400), hint)
 
 
 def _signature(factory: Callable) -> inspect.Signature | None:
@@ -123,11 +122,8 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
 
     issues += _check_optional_packages(recipe, source)
     issues += _check_trainer(recipe, source)
-    issues += _check_gradual_windows(recipe, source)
     issues += check_seeds(recipe, source) + check_expect(recipe, source)
     issues += check_stage_references(recipe, source)
-    if not issues:
-        issues += _check_param_patterns(recipe, source)
     return issues
 
 
@@ -307,68 +303,3 @@ def _metric_issue(source: Source, path: tuple, metric: str, stages: dict) -> Iss
         return _issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report `{stage_metric}`",
                       (guess + " " if guess else "") + "it reports: " + ", ".join(patterns))
     return None
-
-
-def _check_gradual_windows(recipe: Recipe, source: Source) -> list[Issue]:
-    """A gradual-pruning window given in the stage's own unit must end inside the stage (the last prune
-    happens at `end`); other units are checked once the data length is known."""
-    issues = []
-    for i, stage in enumerate(recipe.stages):
-        schedule = getattr(stage, "gradual_pruning", None)
-        if schedule is None:
-            continue
-        for unit, length in (("epochs", stage.epochs), ("steps", stage.steps)):
-            start, end = getattr(schedule.start, unit), getattr(schedule.end, unit)
-            if length is not None and end is not None and end >= length:
-                issues.append(_issue(source, ("stages", i, "gradual_pruning", "end", unit),
-                                     f"the gradual pruning window ends at {unit} {end:g}, "
-                                     f"not inside the stage's {length}",
-                                     f"end it before {unit} {length} so the final sparsity is reached and held"))
-            if start is not None and end is not None and start >= end:
-                issues.append(_issue(source, ("stages", i, "gradual_pruning", "start", unit),
-                                     f"the gradual pruning window starts at {unit} {start:g}, "
-                                     f"not before its end {end:g}"))
-    return issues
-
-
-def _pruning_specs(recipe: Recipe):
-    """(path, spec, targets field) of every pruning spec in the recipe: stages and gradual schedules."""
-    for i, stage in enumerate(recipe.stages):
-        if stage.kind == "prune":
-            yield ("stages", i), stage, "sparsity"
-        if stage.kind == "iterative_prune":
-            yield ("stages", i), stage, "fraction"
-        if getattr(stage, "gradual_pruning", None) is not None:
-            yield ("stages", i, "gradual_pruning"), stage.gradual_pruning, "sparsity"
-
-
-def _check_param_patterns(recipe: Recipe, source: Source) -> list[Issue]:
-    """A parameter or layer pattern that matches nothing is a typo, never a silent no-op."""
-    from runner import pruning
-    from runner.models import build_model
-
-    patterns = [(("stages", i, "regularization", j, "params", k), pattern)
-                for i, stage in enumerate(recipe.stages)
-                for j, term in enumerate(getattr(stage, "regularization", []))
-                for k, pattern in enumerate(term.params)]
-    patterns += [(("stages", i, "bits", pattern), pattern) for i, stage in enumerate(recipe.stages)
-                 if getattr(stage, "method", None) == "weight_sharing" and isinstance(stage.bits, dict)
-                 for pattern in stage.bits]
-    pruning_specs = list(_pruning_specs(recipe))
-    patterns += [(path + ("params", k), pattern) for path, spec, _ in pruning_specs
-                 for k, pattern in enumerate(spec.params or [])]
-    if not (patterns or pruning_specs):
-        return []
-    model = build_model(recipe.model)
-    names = [name for name, _ in model.named_parameters()]
-    issues = [_issue(source, path, f"`{pattern}` matches no parameter of the model", "parameters: " + ", ".join(names))
-              for path, pattern in patterns if not fnmatch.filter(names, pattern)]
-    for path, spec, field in pruning_specs:
-        targets = getattr(spec, field)
-        if not isinstance(targets, dict):
-            continue
-        prunable = pruning.prunable_names(model, spec.params)
-        for pattern in pruning.unmatched_patterns(list(targets), prunable):
-            issues.append(_issue(source, path + (field, pattern), f"`{pattern}` matches no prunable layer of the model",
-                                 "prunable: " + ", ".join(prunable)))
-    return issues

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import Issue
-from runner.recipe.source import Source
+from runner.recipe.source import Source, shorten
 from runner.registry import did_you_mean
 
 
@@ -73,13 +73,13 @@ def _message(error: dict, root: type[BaseModel], loc: tuple) -> tuple[str, str |
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "extra_forbidden":
-        key = loc[-1]
+        key = shorten(loc[-1], 60)
         choices = allowed_fields(root, loc[:-1])
         guess = did_you_mean(key, choices)
         return f"unknown field `{key}`", (guess + " " if guess else "") + "allowed: " + ", ".join(choices)
     if kind == "union_tag_invalid":
         expected = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
-        tag = ctx.get("tag")
+        tag = shorten(ctx.get("tag"), 60)
         field = ctx.get("discriminator", "").strip("'")
         guess = did_you_mean(str(tag), expected)
         return f"unknown {field} `{tag}`", (guess + " " if guess else "") + "known: " + ", ".join(expected)
@@ -88,8 +88,8 @@ def _message(error: dict, root: type[BaseModel], loc: tuple) -> tuple[str, str |
         return f"missing `{field}`", f"set `{field}` to choose the variant"
     if kind == "literal_error":
         expected = [e.strip().strip("'") for e in str(ctx.get("expected", "")).replace(" or ", ",").split(",") if e.strip()]
-        guess = did_you_mean(str(error.get("input")), expected)
-        return f"`{error.get('input')}` is not allowed; expected one of: {', '.join(expected)}", guess
+        given = shorten(error.get("input"), 60)
+        return f"`{given}` is not allowed; expected one of: {', '.join(expected)}", did_you_mean(given, expected)
     if kind == "missing":
         return f"missing required field `{loc[-1]}`", None
     if kind == "value_error":
@@ -108,7 +108,7 @@ def issues_from_validation(err: ValidationError, source: Source, root: type[Base
         line, column = source.position(path)
         if path in source.overridden:
             hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
-        issues.append(Issue(source.file, line, column, dotted(path), message, hint))
+        issues.append(Issue(source.file, line, column, shorten(dotted(path)), shorten(message, 400), hint))
     return issues
 
 

@@ -217,6 +217,12 @@ class Recipe(Spec):
     data: DataSpec
     trainer: TrainerSpec = TrainerSpec()
     stages: Annotated[list[Stage], Field(min_length=1)]
+    # Legal but suspicious settings `validate` found (runner.recipe.semantics): printed, and recorded in run.json.
+    _warnings: list[Issue] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[Issue]:
+        return self._warnings
 
     @field_validator("seeds")
     @classmethod

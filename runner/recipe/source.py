@@ -18,20 +18,46 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that also refuses duplicate keys (PyYAML silently keeps the last one)."""
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_NUMBER_CHARS = 100  # a longer number is hostile; Python refuses to convert over 4300 digits, with a traceback
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG:  # `<<: *base`: its keys are defaults that the mapping's own keys override
+            continue
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key `{key}` (first at line {seen[key].start_mark.line + 1})",
+                None, None, f"duplicate key `{shorten(key)}` (first at line {seen[key].start_mark.line + 1})",
                 key_node.start_mark,
             )
         seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
+    return loader.construct_mapping(node, deep=deep)  # SafeLoader flattens the merge keys here
+
+
+def _bounded(construct):
+    """A number constructor that refuses absurdly long digit strings before converting them."""
+    def bounded(loader: _StrictLoader, node: yaml.ScalarNode):
+        if len(node.value) > MAX_NUMBER_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(node.value)} characters; numbers in a recipe have at most "
+                f"{MAX_NUMBER_CHARS}", node.start_mark)
+        return construct(loader, node)
+    return bounded
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded(yaml.SafeLoader.construct_yaml_int))
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _bounded(yaml.SafeLoader.construct_yaml_float))
+
+MAX_SHOWN = 120  # characters of a user's value shown in a message: a 5 MB value is cut, not echoed
+
+
+def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -91,17 +117,17 @@ def _file_issue(file: str, message: str, hint: str | None = None, mark=None) -> 
     return RecipeError([Issue(file, line, column, "", message, hint)])
 
 
-def parse_text(text: str, file: str) -> Source:
-    """Parse YAML text safely; every failure becomes a located RecipeError."""
+def _parse(text: str, file: str, empty: RecipeError | None) -> tuple[Any, yaml.Node | None]:
+    """YAML text as data and its root node, with the same limits for a file and for an `-o` value."""
     loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
-            raise _file_issue(file, "the recipe is empty", "start from `recipes/train_lenet300.yaml`")
+            if empty is not None:
+                raise empty
+            return None, None
         _check_shape(node, file)
-        marks: dict[Path_, tuple[int, int]] = {}
-        _index_marks(node, (), marks)
-        data = loader.construct_document(node)
+        return loader.construct_document(node), node
     except yaml.constructor.ConstructorError as err:
         message = err.problem or str(err)
         hint = None
@@ -119,11 +145,23 @@ def parse_text(text: str, file: str) -> Source:
         raise _file_issue(file, f"cannot read YAML: {err}") from None
     finally:
         loader.dispose()
+
+
+def parse_value(text: str, file: str) -> Any:
+    """An `-o` value, parsed as YAML under the same limits (aliases, depth, tags, number length) as a file."""
+    return _parse(text, file, None)[0]
+
+
+def parse_text(text: str, file: str) -> Source:
+    """Parse YAML text safely; every failure becomes a located RecipeError."""
+    data, node = _parse(text, file, _file_issue(file, "the recipe is empty", "start from `recipes/train_lenet300.yaml`"))
     if not isinstance(data, dict):
         raise _file_issue(
             file, f"a recipe must be a mapping of fields, got {type(data).__name__}",
             "a recipe starts with `name:`, `model:`, `data:` and `stages:`", node.start_mark,
         )
+    marks: dict[Path_, tuple[int, int]] = {}
+    _index_marks(node, (), marks)
     return Source(file, data, marks)
 
 

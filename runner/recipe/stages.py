@@ -7,7 +7,8 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, model_validator
 
 import runner.recipe.metrics as declared
-from runner.recipe.base import Fraction, PositiveFloat, PositiveInt, Slug, Sparsity, Spec, tag_values
+from runner.recipe import states
+from runner.recipe.base import Fraction, PositiveFloat, PositiveInt, Sparsity, Spec, StageName, tag_values
 from runner.recipe.training import (
     Point,
     BatchSizeFinder,
@@ -49,6 +50,7 @@ class Training(Spec):
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
 
     @model_validator(mode="after")
     def _duration(self):
@@ -63,14 +65,14 @@ class Training(Spec):
 class TrainStage(Training):
     """Train the model with Lightning: optimizer, schedule, loss, regularization."""
 
-    name: Slug
+    name: StageName
     kind: Literal["train"]
 
 
 class FinetuneStage(Training):
     """Train on from the previous stage's weights keeping its pruning masks: pruned weights stay exactly 0."""
 
-    name: Slug
+    name: StageName
     kind: Literal["finetune"]
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.PARAMETERS
 
@@ -92,7 +94,7 @@ class SensitivityStage(PruneScan):
     shared with each codebook width, and in (simulated dynamic) int8; everything else unchanged and nothing
     retrained. Writes sensitivity.json and sensitivity.png and hands the model on unchanged."""
 
-    name: Slug
+    name: StageName
     kind: Literal["sensitivity"]
     bits: list[Bits] = [1, 2, 3, 4, 5, 6, 8]  # weight-sharing codebook widths (Han 2016 §3)
     int8: bool = True
@@ -105,7 +107,7 @@ class Allocation(Spec):
     """How `scope: auto` chooses each layer's sparsity: the levels reaching the global target exactly with the
     least accuracy loss that the sensitivity curves predict, each within its bounds."""
 
-    sensitivity: Slug | None = None  # an earlier `sensitivity` stage whose scan to use; none: scan here
+    sensitivity: StageName | None = None  # an earlier `sensitivity` stage whose scan to use; none: scan here
     scan: PruneScan = PruneScan()  # the scan made here when `sensitivity` is not given
     bounds: dict[str, tuple[Fraction, Level]] = {}  # {layer pattern: [min, max] sparsity}; later patterns win
 
@@ -128,7 +130,7 @@ class PruneStage(Spec):
     sparsities for one global target from a sensitivity scan (`allocation`).
     """
 
-    name: Slug
+    name: StageName
     kind: Literal["prune"]
     granularity: Literal["weights", "neurons"] = "weights"
     method: Literal["magnitude", "random"] = "magnitude"
@@ -138,6 +140,7 @@ class PruneStage(Spec):
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
     parity_tolerance: PositiveFloat = 1e-4  # neurons: max |slimmed - masked| output difference allowed
     allow_empty_layers: bool = False  # true: a layer may lose every weight (the network is then cut; meant for studies)
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
     allocation: Allocation | None = None  # scope auto: where the scan comes from, per-layer bounds
 
     def declared_metrics(self) -> tuple[declared.Metric, ...]:
@@ -182,7 +185,7 @@ class IterativePruneStage(Spec):
     trains the incoming weights densely with `retrain`, since the rewind point lies in that run.
     """
 
-    name: Slug
+    name: StageName
     kind: Literal["iterative_prune"]
     rounds: PositiveInt
     fraction: Sparsity  # of the remaining weights, per round: one value, or {module pattern: value}
@@ -193,9 +196,11 @@ class IterativePruneStage(Spec):
     rewind_lr: bool = True  # each round restarts retrain's schedule; false: continue at the last round's final lr
     rewind: Literal["init"] | Moment | None = None  # θ0, or θk at a point of the dense round 0
     reinit: bool = False  # survivors get a fresh random initialization instead (the control)
+    allow_empty_layers: bool = False  # true: rounds may leave a layer without weights (the network is then cut)
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.ITERATIVE + declared.PARAMETERS
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -212,7 +217,7 @@ class IterativePruneStage(Spec):
 class EvaluateStage(Spec):
     """Measure the model: test loss/accuracy, parameter counts, sparsity, size, latency."""
 
-    name: Slug
+    name: StageName
     kind: Literal["evaluate"]
     split: Literal["test", "val"] = "test"
     latency_batch_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 256]
@@ -228,28 +233,32 @@ class EvaluateStage(Spec):
 class DynamicInt8(Spec):
     """Post-training dynamic int8: Linear and LSTM weights stored int8, activations quantized per batch."""
 
-    name: Slug
+    name: StageName
     kind: Literal["quantize"]
     method: Literal["dynamic_int8"]
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
+    model_produces: ClassVar[str | None] = states.INT8_DYNAMIC
 
 
 class StaticInt8(Spec):
     """Post-training static int8: activation ranges calibrated on training batches (Jacob et al. 2018)."""
 
-    name: Slug
+    name: StageName
     kind: Literal["quantize"]
     method: Literal["static_int8"]
     calibration_batches: PositiveInt  # required: static quantization without calibration data is meaningless
     observer: Literal["minmax", "histogram"] = "histogram"  # activation range estimator
     weights: Literal["per_tensor", "per_channel"] = "per_channel"
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE + declared.STATIC_INT8
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
+    model_produces: ClassVar[str | None] = states.INT8_STATIC
 
 
 class QatInt8(Training):
     """Quantization-aware fine-tuning with fake quantization, then conversion to a real int8 model."""
 
-    name: Slug
+    name: StageName
     kind: Literal["quantize"]
     method: Literal["qat"]
     weights: Literal["per_tensor", "per_channel"] = "per_channel"
@@ -257,6 +266,7 @@ class QatInt8(Training):
     # ranks would convert different int8 models: QAT runs on rank 0, in one process.
     runs_on_every_rank: ClassVar[bool] = False
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.QUANTIZE + declared.SIZE + declared.QAT
+    model_produces: ClassVar[str | None] = states.INT8_STATIC
     freeze_observers_after: Point | None = None  # ranges fixed from here on (Jacob et al. 2018 §3)
     freeze_batchnorm_after: Point | None = None  # BN statistics fixed from here on (folded BN, §3.2)
 
@@ -264,13 +274,15 @@ class QatInt8(Training):
 class WeightSharing(Spec):
     """Deep Compression (Han et al. 2016 §3): per-layer k-means codebooks over the nonzero weights."""
 
-    name: Slug
+    name: StageName
     kind: Literal["quantize"]
     method: Literal["weight_sharing"]
     bits: Annotated[int, Field(ge=1, le=8)] | dict[str, Annotated[int, Field(ge=1, le=8)]]  # one value or {glob: bits}
     kmeans_iterations: PositiveInt = 50
     finetune: Training | None = None  # centroid fine-tuning (§3.3): a centroid's gradient sums its members'
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE + declared.WEIGHT_SHARING
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
+    model_produces: ClassVar[str | None] = states.SHARED
 
 
 QuantizeStage = Annotated[Union[DynamicInt8, StaticInt8, QatInt8, WeightSharing], Field(discriminator="method")]
@@ -279,13 +291,17 @@ QuantizeStage = Annotated[Union[DynamicInt8, StaticInt8, QatInt8, WeightSharing]
 class ExportStage(Spec):
     """Write ONNX (checked in onnxruntime against PyTorch) and TorchScript files of the model."""
 
-    name: Slug
+    name: StageName
     kind: Literal["export"]
     formats: Annotated[list[Literal["onnx", "torchscript"]], Field(min_length=1)] = ["onnx", "torchscript"]
     opset: Annotated[int, Field(ge=13, le=21)] = 17
     tolerance: PositiveFloat = 1e-4  # max |onnxruntime - PyTorch| over a test batch; larger fails the stage
     check_examples: PositiveInt = 256
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.EXPORT
+
+    def accepted_models(self) -> frozenset[str]:
+        # ONNX has no operator for torch's dynamic int8 Linear (quantized::linear_dynamic).
+        return states.ANY - {states.INT8_DYNAMIC} if "onnx" in self.formats else states.ANY
 
 
 Stage = Annotated[Union[TrainStage, FinetuneStage, PruneStage, IterativePruneStage, EvaluateStage, QuantizeStage, ExportStage,

@@ -302,6 +302,7 @@ class GradualPruning(Spec):
     method: Literal["magnitude", "random"] = "magnitude"
     scope: Literal["layer", "global"] = "layer"
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
+    allow_empty_layers: bool = False  # true: a layer may lose every weight (the network is then cut)
 
     @model_validator(mode="after")
     def _consistent(self):

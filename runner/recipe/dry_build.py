@@ -1,0 +1,178 @@
+"""The model built without its weights (torch's meta device) at `validate`: does it take the data's input, give one
+output per class, have the layers the recipe names and leave every pruned layer some weights."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+class BuildFailed(Exception):
+    pass
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def builds_user_code(spec) -> bool:
+    return spec.import_ is not None
+
+
+def _build(spec, device: str) -> nn.Module:
+    """The architecture, on `device`; the factory's own failures become BuildFailed."""
+    from runner.imports import ImportFailed
+    from runner.models import build_model
+
+    try:
+        with torch.device(device):
+            model = build_model(spec)
+    except ImportFailed as error:
+        raise BuildFailed(error.message) from None
+    except Exception as error:  # the factory refused its arguments (ValueError, TypeError, ...)
+        raise BuildFailed(f"{type(error).__name__}: {_first_line(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise BuildFailed(f"the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _model_field(spec) -> tuple:
+    return ("model", "args") if spec.args else ("model", next(k for k in ("name", "import", "torchvision", "timm")
+                                                              if getattr(spec, k if k != "import" else "import_")))
+
+
+def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
+    """Dry-build the model and check it against the data and the stages; user `import:` code runs only when
+    asked (`nnopt validate --build-model`; `nnopt run` always builds it, and this check then runs before any stage)."""
+    spec = recipe.model
+    if builds_user_code(spec) and not build_user_code:
+        return
+    try:
+        model = _build(spec, "meta")
+    except BuildFailed as error:
+        found.error(_model_field(spec), f"the model cannot be built: {error}")
+        return
+    parameters = sum(p.numel() for p in model.parameters())
+    trains = any(getattr(stage, "optimizer", None) is not None or stage.kind in ("iterative_prune",)
+                 for stage in recipe.stages)
+    if parameters == 0 and trains:
+        found.error(_model_field(spec), "the model has no parameters to train")
+        return
+    if facts is not None and facts.shape is not None:
+        _check_input_and_outputs(spec, model, facts, found)
+    _check_patterns(recipe, model, found)
+    _check_structure(recipe, model, found)
+    from runner.recipe.semantics import check_expect_layers
+
+    check_expect_layers(recipe, model, found)
+
+
+def _check_input_and_outputs(spec, model: nn.Module, facts, found) -> None:
+    example = torch.empty((2,) + tuple(facts.shape), device="meta")
+    try:
+        with torch.no_grad():
+            output = model.eval()(example)
+    except Exception as error:  # shape mismatches surface as RuntimeError from the first layer that cannot take it
+        found.error(_model_field(spec), f"the model cannot take the data's examples of shape {tuple(facts.shape)}: "
+                    f"{_first_line(error)}", "match the model's input to the data (for mlp and lenet_300_100: "
+                    f"`in_features: {_flat(facts.shape)}`)")
+        return
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        found.error(_model_field(spec), "the model's output is not a (batch, classes) tensor of logits")
+        return
+    classes = output.shape[1]
+    if facts.num_classes is not None and classes != facts.num_classes:
+        field = ("model", "args", "num_classes") if "num_classes" in spec.args else _model_field(spec)
+        found.error(field, f"the model outputs {classes} classes, the data has {facts.num_classes}",
+                    f"set `model.args.num_classes: {facts.num_classes}` (or the argument the model takes for its "
+                    "number of outputs)")
+
+
+def _flat(shape) -> int:
+    size = 1
+    for n in shape:
+        size *= n
+    return size
+
+
+def _pruning_specs(recipe):
+    """(path, spec, targets field) of every weight-pruning spec: stages and gradual schedules."""
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "prune" and stage.granularity == "weights":
+            yield ("stages", i), stage, "sparsity"
+        if stage.kind == "iterative_prune":
+            yield ("stages", i), stage, "fraction"
+        for name in ("gradual_pruning",):
+            if getattr(stage, name, None) is not None:
+                yield ("stages", i, name), stage.gradual_pruning, "sparsity"
+
+
+def _check_patterns(recipe, model: nn.Module, found) -> None:
+    """A parameter or layer pattern that matches nothing is a typo, never a silent no-op."""
+    from runner import pruning
+
+    names = [name for name, _ in model.named_parameters()]
+    patterns = [(("stages", i, "regularization", j, "params", k), pattern)
+                for i, stage in enumerate(recipe.stages)
+                for j, term in enumerate(getattr(stage, "regularization", []))
+                for k, pattern in enumerate(term.params)]
+    patterns += [(("stages", i, "bits", pattern), pattern) for i, stage in enumerate(recipe.stages)
+                 if getattr(stage, "method", None) == "weight_sharing" and isinstance(stage.bits, dict)
+                 for pattern in stage.bits]
+    specs = list(_pruning_specs(recipe))
+    patterns += [(path + ("params", k), pattern) for path, spec, _ in specs for k, pattern in enumerate(spec.params or [])]
+    for path, pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            found.error(path, f"`{pattern}` matches no parameter of the model", "parameters: " + ", ".join(names))
+    for path, spec, targets_field in specs:
+        prunable = pruning.prunable_names(model, spec.params)
+        targets = getattr(spec, targets_field)
+        if isinstance(targets, dict):
+            unmatched = pruning.unmatched_patterns(list(targets), prunable)
+            for pattern in unmatched:
+                found.error(path + (targets_field, pattern), f"`{pattern}` matches no prunable layer of the model",
+                            "prunable: " + ", ".join(prunable))
+            if unmatched:
+                continue
+        _check_kept(path, spec, targets_field, model, prunable, found)
+
+
+def _kept(size: int, target: float, rounds: int) -> int:
+    """Weights a layer keeps after `rounds` prunings to `target` (one-shot: the sparsity; iterative: the fraction
+    of what remains, s' = 1 - (1 - s)(1 - f)), each rounded to whole weights as runner.pruning does."""
+    zeros = 0
+    for _ in range(rounds):
+        zeros = round((1 - (1 - zeros / size) * (1 - target)) * size)
+    return size - zeros
+
+
+def _check_kept(path: tuple, spec, targets_field: str, model: nn.Module, prunable: list[str], found) -> None:
+    """Per-layer targets that leave a layer without a single weight: the network is cut in two."""
+    from runner import pruning
+
+    if spec.scope != "layer" or getattr(spec, "allow_empty_layers", False):
+        return  # a global ranking is known only from the trained weights: the stage checks it when it runs
+    rounds = getattr(spec, "rounds", 1)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    for name, target in pruning.layer_targets(prunable, getattr(spec, targets_field)).items():
+        if name in sizes and _kept(sizes[name], target, rounds) == 0:
+            found.error(path + (targets_field,), f"`{name}` would keep none of its {sizes[name]} weights"
+                        + (f" after {rounds} rounds" if rounds > 1 else "") + ": the network is cut and can only "
+                        "guess", "lower the target for that layer, or set `allow_empty_layers: true` if you mean it")
+
+
+def _check_structure(recipe, model: nn.Module, found) -> None:
+    """Neuron pruning follows only sequential chains (runner.slimming)."""
+    from runner.slimming import Unsupported, chain
+
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "prune" and stage.granularity == "neurons":
+            try:
+                chain(model)
+            except Unsupported as error:
+                found.error(("stages", i, "granularity"), f"structured pruning cannot follow this model: {error}",
+                            "neurons are removed only in sequential chains of Linear/Conv, BatchNorm, activations, "
+                            "pooling and flatten (residual connections are not supported); use `granularity: weights`")
+            return

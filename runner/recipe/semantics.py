@@ -1,0 +1,440 @@
+"""What `validate` knows of the pipeline: the model's form through the stages, data and model that fit, schedules
+resolved against each stage's length, and `expect` rules some stage can satisfy; errors and warnings, located."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+
+from runner.errors import Issue
+from runner.recipe import states
+from runner.recipe.expect import RUN_METRICS
+from runner.recipe.locate import dotted
+from runner.recipe.source import Source
+
+MAX_STAGE_SEED = 2**32 - 1  # torch/numpy seeds are 32-bit; stage i runs with seed + i
+
+
+@dataclass
+class Findings:
+    """Errors stop the recipe; warnings (legal but suspicious settings) are printed and recorded in run.json."""
+
+    source: Source
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+
+    def _issue(self, path: tuple, message: str, hint: str | None) -> Issue:
+        line, column = self.source.position(path)
+        if path in self.source.overridden:
+            hint = f"set by override `{self.source.overridden[path]}`" + (f"; {hint}" if hint else "")
+        return Issue(self.source.file, line, column, dotted(path), message, hint)
+
+    def error(self, path: tuple, message: str, hint: str | None = None) -> None:
+        self.errors.append(self._issue(path, message, hint))
+
+    def warn(self, path: tuple, message: str, hint: str | None = None) -> None:
+        self.warnings.append(self._issue(path, message, hint))
+
+
+# ---- the model's form through the stages ------------------------------------------------------------
+
+
+def check_order(recipe, found: Findings) -> None:
+    """Walk the stages through the forms they accept and produce (runner.recipe.states)."""
+    form, made_by = states.FLOAT, None
+    for i, stage in enumerate(recipe.stages):
+        if form not in stage.accepted_models():
+            by = f" (made by stage `{made_by}`)" if made_by else ""
+            what = f"{stage.kind}" + (f" {stage.method}" if stage.kind == "quantize" else "")
+            if stage.kind == "export":
+                found.error(("stages", i, "formats"), f"ONNX export cannot take the {form} model{by}: ONNX has no "
+                            "operator for torch's dynamic int8 Linear",
+                            "quantize with method static_int8 or qat for an int8 ONNX model, or export only "
+                            "`torchscript`")
+            else:
+                found.error(("stages", i, "kind"), f"`{what}` cannot take the {form} model{by}",
+                            states.REFUSAL_HINTS.get(form))
+        if stage.model_produces is not None:
+            form, made_by = stage.model_produces, stage.name
+
+
+# ---- what the data is, where the recipe says it ---------------------------------------------------------
+
+# Registered data sets of fixed size: examples in the whole training split and the test split, input shape,
+# classes; the validation split is cut from the training split (`val_size`, mnist's fixed 10k).
+FIXED_SETS = {
+    "mnist": (60_000, 10_000, (1, 28, 28), 10, 10_000),
+    "fashion_mnist": (60_000, 10_000, (1, 28, 28), 10, 10_000),
+    "kmnist": (60_000, 10_000, (1, 28, 28), 10, 10_000),
+    "cifar10": (50_000, 10_000, (3, 32, 32), 10, 5_000),
+    "cifar100": (50_000, 10_000, (3, 32, 32), 100, 5_000),
+    "svhn": (73_257, 26_032, (3, 32, 32), 10, 5_000),
+}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the recipe tells of its data without reading it; None where it does not say."""
+
+    sizes: dict[str, int]  # examples per split before `limit`
+    shape: tuple[int, ...] | None  # one example's input shape (None once transforms may change it)
+    num_classes: int | None
+
+
+def _arguments(factory, args: dict) -> dict:
+    """The factory's parameters with their defaults, overridden by the recipe's `args`."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return dict(args)
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | dict(args)
+
+
+def known_data(spec) -> DataFacts | None:
+    """Sizes, shape and classes of a registered data set, from its fixed size or from its arguments (synthetic)."""
+    from runner.data import DATASETS
+    from runner.registry import UnknownName
+
+    if spec.name is None:
+        return None  # user code: its sizes are known only once it runs
+    try:
+        arguments = _arguments(DATASETS.get(spec.name), spec.args)
+    except UnknownName:
+        return None
+    if spec.name in FIXED_SETS:
+        train, test, shape, classes, val = FIXED_SETS[spec.name]
+        val = arguments.get("val_size") or val
+        if arguments.get("train_on") == "train+val":
+            sizes = {"train": train, "val": val, "test": test}
+        else:
+            sizes = {"train": train - val, "val": val, "test": test}
+        facts = DataFacts(sizes, shape, classes)
+    elif {"num_train", "num_val", "num_test"} <= arguments.keys():
+        sizes = {split: arguments[f"num_{split}"] for split in SPLITS}
+        shape = arguments.get("shape")
+        facts = DataFacts(sizes, tuple(shape) if isinstance(shape, (list, tuple)) else None,
+                          arguments.get("num_classes"))
+    else:
+        return None
+    if not all(isinstance(n, int) for n in facts.sizes.values()):
+        return None
+    if spec.transforms.train or spec.transforms.eval:  # a crop or resize changes the shape the model sees
+        facts = DataFacts(facts.sizes, None, facts.num_classes)
+    return facts
+
+
+def check_data_sizes(recipe, facts: DataFacts, found: Findings) -> dict[str, int]:
+    """Empty splits, one class, limits above the split and a batch above the training data; returns the
+    number of examples each split gives after `limit`."""
+    data = recipe.data
+    arg_of = {"train": "num_train", "val": "num_val", "test": "num_test"}
+    used = {}
+    for split in SPLITS:
+        size = facts.sizes[split]
+        limit = getattr(data.limit, split)
+        if size <= 0:
+            found.error(("data", "args", arg_of[split]) if arg_of[split] in data.args else ("data",),
+                        f"the {split} split is empty", "every stage needs examples: training reads train, "
+                        "validation and the quantizers' checks read val, evaluate and export read test")
+        elif limit is not None and limit > size:
+            found.error(("data", "limit", split), f"limit.{split} is {limit}, above the {size} examples of the "
+                        f"{split} split", f"use at most {size}, or drop the limit to use the whole split")
+        used[split] = min(size, limit) if limit is not None else size
+    classes = facts.num_classes
+    if isinstance(classes, int) and classes < 2:
+        found.error(("data", "args", "num_classes") if "num_classes" in data.args else ("data",),
+                    f"the data has {classes} class{'es' if classes != 1 else ''}: a classifier needs at least 2")
+    trains = any(_training_blocks(recipe))
+    if trains and 0 < used["train"] < data.batch_size:
+        found.error(("data", "batch_size"), f"batch_size {data.batch_size} is above the {used['train']} training "
+                    "examples: every step would see the whole set and the throughput figures would count "
+                    "examples that do not exist", f"use a batch_size of at most {used['train']}")
+    return used
+
+
+# ---- schedules resolved against the stage's length ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Length:
+    """A training block's length in optimizer steps, once the data size is known."""
+
+    steps_per_epoch: int
+    total: int
+
+    @property
+    def epochs(self) -> float:
+        return self.total / self.steps_per_epoch
+
+    def steps(self, moment) -> int:
+        """A Point/Moment in steps, as runner.lightning.units.to_steps resolves it."""
+        if moment.steps is not None:
+            return moment.steps
+        if moment.epochs is not None:
+            return round(moment.epochs * self.steps_per_epoch)
+        return round(moment.fraction * self.total)
+
+
+def _training_blocks_of(stage, index: int):
+    """(path, Training spec) for a stage that trains and for each training block inside a stage."""
+    from runner.recipe.stages import Training
+
+    if isinstance(stage, Training):
+        yield ("stages", index), stage
+    for name in type(stage).model_fields:
+        value = getattr(stage, name)
+        if isinstance(value, Training):
+            yield ("stages", index, name), value
+
+
+def _training_blocks(recipe):
+    for index, stage in enumerate(recipe.stages):
+        yield from _training_blocks_of(stage, index)
+
+
+def stage_length(recipe, block, train_examples: int | None) -> Length | None:
+    if train_examples is None or train_examples <= 0 or block.batch_size_finder is not None:
+        return None  # unknown, or the batch size is chosen while the stage runs
+    accumulate = recipe.trainer.with_override(block.trainer).accumulate_grad_batches
+    batches = math.ceil(train_examples / recipe.data.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches / accumulate))
+    total = block.steps if block.steps is not None else block.epochs * steps_per_epoch
+    return Length(steps_per_epoch, total)
+
+
+def _stage_epochs(block, length: Length | None) -> float | None:
+    """The block's length in epochs: as given, or from its steps once the data size is known."""
+    if block.epochs is not None:
+        return block.epochs
+    return length.epochs if length is not None else None
+
+
+def check_schedule(path: tuple, block, length: Length | None, found: Findings) -> None:
+    """Schedules that cannot do what they say (errors) or barely do anything (warnings)."""
+    schedule, lr = block.schedule, block.optimizer.lr
+    at = path + ("schedule",)
+    name = schedule.name
+    if name in ("cosine", "linear"):
+        if schedule.min_lr > lr:
+            found.error(at + ("min_lr",), f"{name} min_lr {schedule.min_lr:g} is above the learning rate {lr:g}: the "
+                        f"rate would rise {schedule.min_lr / lr:.3g}x over the stage instead of decaying",
+                        f"set min_lr below optimizer.lr ({lr:g}), usually 0 or about lr/100")
+        elif schedule.min_lr == lr:
+            found.warn(at + ("min_lr",), f"{name} min_lr equals the learning rate: the schedule is constant",
+                       "use `schedule: {name: constant}` or a lower min_lr")
+    if name == "onecycle" and schedule.max_lr < lr:
+        found.error(at + ("max_lr",), f"onecycle max_lr {schedule.max_lr:g} is below the learning rate {lr:g}: 1cycle "
+                    f"peaks at max_lr and starts at max_lr/div_factor ({schedule.max_lr / schedule.div_factor:g})",
+                    "set max_lr to the peak you want (Smith & Topin: several times the usual rate); optimizer.lr "
+                    "is not used by 1cycle")
+    epochs = _stage_epochs(block, length)
+    if epochs is not None:
+        if name == "multistep" and schedule.milestones[-1] >= epochs:
+            late = [m for m in schedule.milestones if m >= epochs]
+            found.error(at + ("milestones",), f"milestone{'s' if len(late) > 1 else ''} "
+                        f"{', '.join(f'{m:g}' for m in late)} lie{'s' if len(late) == 1 else ''} at or beyond the "
+                        f"stage's end (epoch {epochs:g}): the decay never happens",
+                        f"milestones count epochs from the stage's start; keep them below {epochs:g}")
+        if name == "piecewise" and schedule.boundaries[-1] >= epochs:
+            found.error(at + ("boundaries",), f"boundary {schedule.boundaries[-1]:g} is at or beyond the stage's end "
+                        f"(epoch {epochs:g}): its value {schedule.values[-1]:g} is never used",
+                        f"boundaries count epochs from the stage's start; keep them below {epochs:g}")
+        if name == "step" and schedule.every_epochs >= epochs:
+            found.warn(at + ("every_epochs",), f"step decay every {schedule.every_epochs:g} epochs never decays in a "
+                       f"stage of {epochs:g} epochs", "use a shorter interval or `schedule: {name: constant}`")
+        _check_validation(path, block, epochs, found)
+    if block.warmup is not None:
+        warmup = block.warmup
+        if length is not None:
+            steps, total = max(1, length.steps(warmup)), length.total
+        elif warmup.epochs is not None and block.epochs is not None:
+            steps, total = warmup.epochs, block.epochs
+        elif warmup.steps is not None and block.steps is not None:
+            steps, total = warmup.steps, block.steps
+        else:
+            steps = total = None
+        if steps is not None and steps >= total:
+            unit = "steps" if length is not None or warmup.steps is not None else "epochs"
+            found.error(path + ("warmup",), f"the warmup ({steps:g} {unit}) is not shorter than the stage ({total:g} "
+                        f"{unit}): the learning rate never reaches its value and the schedule never runs",
+                        "shorten the warmup (a few percent of the stage is usual)")
+
+
+def _check_validation(path: tuple, block, epochs: float, found: Findings) -> None:
+    """A plateau schedule or early stopping needs validations to watch; validation runs every val_every_epochs."""
+    validations = math.floor(epochs / block.val_every_epochs + 1e-9)
+    watchers = []
+    if block.schedule.name == "reduce_on_plateau":
+        watchers.append(("schedule", "reduce_on_plateau", block.schedule.patience))
+    if block.early_stopping is not None:
+        watchers.append(("early_stopping", "early stopping", block.early_stopping.patience))
+    if validations == 0:
+        where = path + ("val_every_epochs",) if "val_every_epochs" in block.model_fields_set else path
+        message = (f"validation runs every {block.val_every_epochs} epochs, so never in this stage of {epochs:g} epochs")
+        if watchers:
+            found.error(where, message + f": {' and '.join(w[1] for w in watchers)} would watch no validation",
+                        f"set val_every_epochs to at most {max(1, math.floor(epochs))}")
+        else:
+            found.warn(where, message + ": the stage reports no val_loss or val_acc",
+                       f"set val_every_epochs to at most {max(1, math.floor(epochs))}")
+        return
+    for field_name, what, patience in watchers:
+        if patience >= validations:
+            found.warn(path + (field_name, "patience"), f"{what} has patience {patience} but the stage validates only "
+                       f"{validations} time{'s' if validations > 1 else ''}: it can never act",
+                       f"lower the patience below {validations}, or validate more often")
+
+
+def check_windows(path: tuple, block, length: Length, found: Findings) -> None:
+    """Gradual-pruning windows and QAT freeze points inside the stage, in optimizer steps."""
+    gradual = block.gradual_pruning
+    if gradual is not None:
+        at = path + ("gradual_pruning",)
+        start, end, every = (length.steps(m) for m in (gradual.start, gradual.end, gradual.every))
+        where = f"(the stage has {length.total} steps, {length.steps_per_epoch} per epoch)"
+        if end >= length.total:
+            found.error(at + ("end",), f"the gradual pruning window ends at step {end}, not inside the stage {where}",
+                        "end it before the stage ends, so the final sparsity is reached and then held")
+        elif start >= end:
+            found.error(at + ("start",), f"the gradual pruning window starts at step {start}, not before its end "
+                        f"(step {end}) {where}")
+        elif every < 1:
+            found.error(at + ("every",), f"`every` is shorter than one optimizer step {where}",
+                        "prune at most once per step")
+        elif every > end - start:
+            found.error(at + ("every",), f"`every` ({every} steps) is longer than the window (steps {start} to {end}): "
+                        "the schedule would prune once at its start and jump to the final sparsity at its end",
+                        f"use an interval of at most {end - start} steps (Zhu & Gupta prune tens of times per window)")
+    for name in ("freeze_observers_after", "freeze_batchnorm_after"):
+        point = getattr(block, name, None)
+        if point is not None and length.steps(point) >= length.total:
+            found.error(path + (name,), f"{name} is at step {length.steps(point)}, not inside the stage's "
+                        f"{length.total} steps: it would never happen", "freeze inside the stage, or drop the field")
+
+
+def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> None:
+    train_examples = used["train"] if used else None
+    for i, stage in enumerate(recipe.stages):
+        for path, block in _training_blocks_of(stage, i):
+            length = stage_length(recipe, block, train_examples)
+            check_schedule(path, block, length, found)
+            if length is not None:
+                check_windows(path, block, length, found)
+        if used is None:
+            continue
+        batches = math.ceil(used["train"] / recipe.data.batch_size) if used["train"] > 0 else 0
+        if getattr(stage, "method", None) == "static_int8" and stage.calibration_batches > batches:
+            found.error(("stages", i, "calibration_batches"), f"calibration_batches is {stage.calibration_batches} "
+                        f"but the training data gives {batches} batches of {recipe.data.batch_size}",
+                        f"set calibration_batches to at most {batches}")
+        if stage.kind == "iterative_prune" and stage.rewind not in (None, "init"):
+            length = stage_length(recipe, stage.retrain, used["train"])
+            if length is not None and length.steps(stage.rewind) > length.total:
+                found.error(("stages", i, "rewind"), f"the rewind point (step {length.steps(stage.rewind)}) lies after "
+                            f"the dense round's {length.total} steps", "rewind to an early point of the dense round")
+
+
+# ---- numbers at the edge ---------------------------------------------------------------------------
+
+
+def check_bounds(recipe, found: Findings) -> None:
+    """Seeds that stay valid for every stage, and thread counts this machine has."""
+    last = len(recipe.stages) - 1
+    for path, seed in [(("seed",), recipe.seed)] + [(("seeds", k), s) for k, s in enumerate(recipe.seeds or [])]:
+        if seed + last > MAX_STAGE_SEED:
+            found.error(path, f"seed {seed} is too large: stage {last + 1} runs with seed + {last}, above the "
+                        f"largest seed {MAX_STAGE_SEED}", f"use a seed of at most {MAX_STAGE_SEED - last}")
+    cores = os.cpu_count() or 1
+    threads = [(("trainer", "threads"), recipe.trainer.threads)]
+    threads += [(("stages", i, "threads"), getattr(stage, "threads", None)) for i, stage in enumerate(recipe.stages)]
+    for path, count in threads:
+        if count is not None and count > cores:
+            found.error(path, f"threads {count} is more than the {cores} cores of this machine",
+                        f"use at most {cores}; more threads than cores only slows torch down")
+
+
+# ---- expect: rules some stage can satisfy --------------------------------------------------------------
+
+# Run-level metrics and what a stage must report for each (runner/verdicts.py derives them).
+RUN_METRIC_NEEDS = {
+    "test_error": ("test_error",),
+    "test_acc": ("test_acc",),
+    "weights_kept": ("params_nonzero", "params_total"),
+    "compression_ratio": ("dense_fp32_bytes", "packed_bytes"),
+    "bytes": ("packed_bytes",),
+}
+RUN_METRIC_HINTS = {
+    "test_error": "add `{name: evaluate, kind: evaluate}` (split: test) after the last stage",
+    "test_acc": "add `{name: evaluate, kind: evaluate}` (split: test) after the last stage",
+    "latency_ratio": "it compares the first and the final latency: evaluate before and after compressing",
+}
+
+
+def _declares(stage, metric: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(metric, m.name) for m in stage.declared_metrics())
+
+
+def check_expect(recipe, found: Findings) -> None:
+    """Run-level rules that no stage of this recipe can feed."""
+    if recipe.expect is None:
+        return
+    for metric in recipe.expect.metrics:
+        if metric not in RUN_METRICS or metric == "wall_seconds":
+            continue  # stage metrics (`stage.metric`) and unknown names are checked in runner.recipe.checks
+        path = ("expect", "metrics", metric)
+        if metric == "latency_ratio":
+            timed = [s.name for s in recipe.stages if _declares(s, "latency_ms_b1")]
+            if len(timed) < 2:
+                found.error(path, "latency_ratio compares two latency measurements, but "
+                            + (f"only stage `{timed[0]}` measures latency" if timed else "no stage measures latency"),
+                            RUN_METRIC_HINTS["latency_ratio"])
+            continue
+        needs = RUN_METRIC_NEEDS[metric]
+        if not any(all(_declares(stage, need) for need in needs) for stage in recipe.stages):
+            found.error(path, f"no stage of this recipe reports {' and '.join(f'`{n}`' for n in needs)}, which "
+                        f"`{metric}` is computed from", RUN_METRIC_HINTS.get(metric, "add an evaluate stage"))
+
+
+def check_expect_layers(recipe, model, found: Findings) -> None:
+    """`stage.layer_sparsity.fc9.weight` and the like name a layer of the dry-built model."""
+    if recipe.expect is None:
+        return
+    layers = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_modules() if name}
+    per_layer = ("layer_sparsity", "layer_sparsity_before", "layer_sparsity_after", "layer_bits", "distinct_values",
+                 "widths_before", "widths_after")
+    stages = {stage.name for stage in recipe.stages}
+    for metric in recipe.expect.metrics:
+        stage, _, rest = metric.partition(".")
+        group, _, layer = rest.partition(".")
+        if stage in stages and group in per_layer and layer and layer not in layers:
+            from runner.registry import did_you_mean
+
+            guess = did_you_mean(layer, sorted(layers))
+            found.error(("expect", "metrics", metric), f"the model has no layer `{layer}`",
+                        (guess + " " if guess else "") + "layers: " + ", ".join(sorted(layers)[:20]))
+
+
+# ---- the whole walk ----------------------------------------------------------------------------------
+
+
+def check_semantics(recipe, source: Source, build_user_code: bool = False, dry_build: bool = True) -> Findings:
+    """Every semantic check that needs no training; with `dry_build` the model is built on the meta device
+    (runner.recipe.dry_build) when nnopt's or a model library's code builds it, user `import:` code only with
+    `build_user_code`."""
+    from runner.recipe.dry_build import check_model_fits
+
+    found = Findings(source)
+    check_order(recipe, found)
+    check_bounds(recipe, found)
+    check_expect(recipe, found)
+    facts = known_data(recipe.data)
+    used = check_data_sizes(recipe, facts, found) if facts is not None else None
+    check_schedules(recipe, used, found)
+    if dry_build:
+        check_model_fits(recipe, facts, found, build_user_code)
+    return found

@@ -1,0 +1,385 @@
+"""`validate` knows the pipeline: recipes that are well formed but cannot work are refused before any training,
+at the line of the offending field, with a hint; legal but suspicious ones pass with a warning."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import synthetic_recipe
+
+# The synthetic recipe's data: 512 training examples in batches of 32, so 16 optimizer steps per epoch.
+QUANTIZE = {"name": "quantize", "kind": "quantize", "method": "dynamic_int8"}
+PRUNE = {"name": "prune", "kind": "prune", "sparsity": 0.5}
+FINETUNE = {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}
+EVALUATE = {"name": "evaluate", "kind": "evaluate"}
+
+
+def recipe_with(*stages, train: dict | None = None, **top) -> dict:
+    """The synthetic recipe: its train stage (with `train` fields), then `stages`, then top-level changes."""
+    recipe = synthetic_recipe(**(train or {}))
+    recipe["stages"] = [recipe["stages"][0]] + [copy.deepcopy(stage) for stage in stages]
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def refused(nnopt, write_recipe, recipe, *fragments, args=()):
+    """`nnopt validate` exits 2 with each fragment in its message, located at a line of the file."""
+    path = write_recipe(recipe)
+    code, out, err = nnopt("validate", path, *args)
+    err = " ".join(err.split())  # rich wraps long lines
+    assert code == 2, out + err
+    assert "Traceback" not in err and "unexpected" not in err
+    assert f"{path}:" in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in:\n{err}"
+    return err
+
+
+def accepted(nnopt, write_recipe, recipe, *warnings, args=()):
+    path = write_recipe(recipe)
+    code, out, err = nnopt("validate", path, *args)
+    err = " ".join(err.split())
+    assert code == 0 and "ok" in out, err
+    for fragment in warnings:
+        assert "warning" in err and fragment in err, f"{fragment!r} not in:\n{err}"
+    return err
+
+
+# ---- the model's form through the stages --------------------------------------------------------------
+
+ORDERS = {
+    "prune after quantize": ([QUANTIZE, PRUNE], ["stages[2].kind: `prune` cannot take the dynamic int8 model "
+                                                 "(made by stage `quantize`)", "prune and fine-tune before quantizing"]),
+    "iterative_prune after quantize": ([QUANTIZE, {"name": "ip", "kind": "iterative_prune", "rounds": 2,
+                                                   "fraction": 0.2, "retrain": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}}],
+                                       ["`iterative_prune` cannot take the dynamic int8 model"]),
+    "finetune after quantize": ([QUANTIZE, FINETUNE], ["`finetune` cannot take the dynamic int8 model"]),
+    "quantize twice": ([QUANTIZE, {**QUANTIZE, "name": "again"}], ["`quantize dynamic_int8` cannot take the dynamic int8"]),
+    "weight sharing after dynamic int8": ([QUANTIZE, {"name": "share", "kind": "quantize", "method": "weight_sharing",
+                                                      "bits": 4}], ["`quantize weight_sharing` cannot take the dynamic int8"]),
+    "train after static int8": ([{"name": "q", "kind": "quantize", "method": "static_int8", "calibration_batches": 2},
+                                 {**FINETUNE, "kind": "train", "name": "again"}], ["`train` cannot take the static int8 model"]),
+    "finetune after weight sharing": ([{"name": "share", "kind": "quantize", "method": "weight_sharing", "bits": 4},
+                                       FINETUNE], ["`finetune` cannot take the weight-shared model",
+                                                   "the quantize stage's own `finetune:` block"]),
+    "ONNX export of dynamic int8": ([QUANTIZE, {"name": "export", "kind": "export", "formats": ["onnx"]}],
+                                    ["stages[2].formats: ONNX export cannot take the dynamic int8 model",
+                                     "static_int8 or qat"]),
+}
+
+
+@pytest.mark.parametrize("case", ORDERS)
+def test_impossible_orders_are_refused(nnopt, write_recipe, case):
+    stages, fragments = ORDERS[case]
+    refused(nnopt, write_recipe, recipe_with(*stages), *fragments)
+
+
+def test_the_usual_order_passes(nnopt, write_recipe):
+    export = {"name": "export", "kind": "export", "formats": ["torchscript"]}
+    accepted(nnopt, write_recipe, recipe_with(PRUNE, FINETUNE, QUANTIZE, EVALUATE, export))
+
+
+# ---- data and model that fit ------------------------------------------------------------------------
+
+SYNTHETIC = synthetic_recipe()["data"]["args"]
+DATA = {
+    "20 classes into 10 outputs": ({"args": {**SYNTHETIC, "num_classes": 20}}, {},
+                                   ["the model outputs 10 classes, the data has 20", "num_classes: 20"]),
+    "32 inputs into in_features 16": ({}, {"args": {"hidden": [32], "in_features": 16}},
+                                      ["model.args: the model cannot take the data's examples of shape (32,)",
+                                       "in_features: 32"]),
+    "empty val split": ({"args": {**SYNTHETIC, "num_val": 0}}, {}, ["data.args.num_val: the val split is empty"]),
+    "empty test split": ({"args": {**SYNTHETIC, "num_test": 0}}, {}, ["the test split is empty"]),
+    "no training data": ({"args": {**SYNTHETIC, "num_train": 0}}, {}, ["the train split is empty"]),
+    "one class": ({"args": {**SYNTHETIC, "num_classes": 1}}, {"args": {"hidden": [32], "in_features": 32, "num_classes": 1}},
+                  ["the data has 1 class: a classifier needs at least 2"]),
+    "limit above the split": ({"limit": {"train": 600}}, {}, ["data.limit.train: limit.train is 600, above the 512"]),
+    "batch above the data": ({"batch_size": 1024}, {}, ["data.batch_size: batch_size 1024 is above the 512 training"]),
+    "mnist limit above its split": ({"name": "mnist", "args": {}, "limit": {"val": 20000}}, {"name": "lenet_300_100", "args": {}},
+                                    ["limit.val is 20000, above the 10000 examples"]),
+}
+
+
+@pytest.mark.parametrize("case", DATA)
+def test_data_and_model_that_do_not_fit(nnopt, write_recipe, case):
+    data, model, fragments = DATA[case]
+    recipe = recipe_with(EVALUATE)
+    recipe["data"].update(data)
+    recipe["model"].update(model)
+    refused(nnopt, write_recipe, recipe, *fragments)
+
+
+def test_neuron_pruning_needs_a_chain(nnopt, write_recipe):
+    recipe = recipe_with({"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": {"layer1*": 0.5}},
+                         model={"name": "resnet20", "args": {}})
+    recipe["data"]["args"]["shape"] = [3, 8, 8]
+    refused(nnopt, write_recipe, recipe, "stages[1].granularity: structured pruning cannot follow this model")
+
+
+USER_MODELS = """\
+import pathlib
+import torch
+
+def marked():
+    pathlib.Path(__file__).with_name("factory_ran").touch()
+    return torch.nn.Sequential(torch.nn.Linear(32, 10))
+
+def number():
+    return 42
+
+def no_parameters():
+    return torch.nn.Flatten()
+"""
+
+
+def test_validate_runs_user_code_only_when_asked(nnopt, write_recipe, tmp_path):
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    recipe = recipe_with(EVALUATE, model={"import": "user_models:marked"})
+    recipe["model"].pop("name"), recipe["model"].pop("args")
+    accepted(nnopt, write_recipe, recipe)
+    assert not (tmp_path / "factory_ran").exists()
+    accepted(nnopt, write_recipe, recipe, args=("--build-model",))
+    assert (tmp_path / "factory_ran").exists()
+    recipe["model"]["import"] = "user_models:number"
+    accepted(nnopt, write_recipe, recipe)  # not called: nothing to say yet
+    refused(nnopt, write_recipe, recipe, "the factory returned a int, not a torch.nn.Module", args=("--build-model",))
+    recipe["model"]["import"] = "user_models:no_parameters"
+    refused(nnopt, write_recipe, recipe, "the model has no parameters to train", args=("--build-model",))
+
+
+def test_run_checks_the_factory_before_any_stage(nnopt, write_recipe, tmp_path):
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    recipe = recipe_with(EVALUATE, model={"import": "user_models:number"})
+    recipe["model"].pop("name"), recipe["model"].pop("args")
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    assert code == 2 and "not a torch.nn.Module" in " ".join(err.split()) and not (tmp_path / "out").exists()
+
+
+# ---- schedules resolved against the stage's length ---------------------------------------------------
+
+SCHEDULES = {
+    "warmup longer than the stage (epochs)": ({"warmup": {"epochs": 5}}, ["stages[0].warmup: the warmup (80 steps) is "
+                                                                         "not shorter than the stage (48 steps)"]),
+    "warmup longer than the stage (steps vs epochs)": ({"warmup": {"steps": 60}}, ["the warmup (60 steps) is not "
+                                                                                  "shorter than the stage (48 steps)"]),
+    "milestones beyond the stage": ({"schedule": {"name": "multistep", "milestones": [2, 5]}},
+                                    ["stages[0].schedule.milestones: milestone 5 lies at or beyond the stage's end"]),
+    "boundaries beyond the stage": ({"schedule": {"name": "piecewise", "boundaries": [3], "values": [0.1, 0.01]}},
+                                    ["boundary 3 is at or beyond the stage's end"]),
+    "cosine min_lr above lr": ({"schedule": {"name": "cosine", "min_lr": 25}},
+                               ["stages[0].schedule.min_lr: cosine min_lr 25 is above the learning rate 0.05",
+                                "rise 500x"]),
+    "linear min_lr above lr": ({"schedule": {"name": "linear", "min_lr": 0.5}}, ["linear min_lr 0.5 is above"]),
+    "onecycle max_lr below lr": ({"schedule": {"name": "onecycle", "max_lr": 0.01}},
+                                 ["stages[0].schedule.max_lr: onecycle max_lr 0.01 is below the learning rate 0.05"]),
+    "plateau schedule that never validates": ({"val_every_epochs": 5, "schedule": {"name": "reduce_on_plateau"}},
+                                              ["stages[0].val_every_epochs: validation runs every 5 epochs, so never",
+                                               "reduce_on_plateau would watch no validation"]),
+    "early stopping that never validates": ({"val_every_epochs": 4, "early_stopping": {"patience": 1}},
+                                            ["early stopping would watch no validation"]),
+    "gradual every longer than its window": ({"gradual_pruning": {"sparsity": 0.5, "start": {"steps": 0},
+                                                                  "end": {"steps": 20}, "every": {"epochs": 2}}},
+                                             ["stages[0].gradual_pruning.every: `every` (32 steps) is longer than the "
+                                              "window (steps 0 to 20)"]),
+    "gradual window beyond the stage (steps)": ({"gradual_pruning": {"sparsity": 0.5, "end": {"steps": 50},
+                                                                     "every": {"steps": 5}}},
+                                                ["gradual_pruning.end: the gradual pruning window ends at step 50, not "
+                                                 "inside the stage (the stage has 48 steps"]),
+    "gradual window ends with the stage (epochs)": ({"gradual_pruning": {"sparsity": 0.5, "end": {"epochs": 3},
+                                                                         "every": {"steps": 5}}},
+                                                    ["ends at step 48, not inside the stage"]),
+    "steps stage shorter than an epoch with plateau": ({"epochs": None, "steps": 10,
+                                                        "schedule": {"name": "reduce_on_plateau"}},
+                                                       ["so never in this stage of 0.625 epochs"]),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULES)
+def test_schedules_that_cannot_do_what_they_say(nnopt, write_recipe, case):
+    fields, fragments = SCHEDULES[case]
+    recipe = recipe_with(EVALUATE)
+    recipe["stages"][0].update(fields)
+    recipe["stages"][0] = {k: v for k, v in recipe["stages"][0].items() if v is not None}
+    refused(nnopt, write_recipe, recipe, *fragments)
+
+
+WINDOWS = {
+    "calibration batches above the data": ({"name": "q", "kind": "quantize", "method": "static_int8",
+                                            "calibration_batches": 17},
+                                           ["stages[1].calibration_batches: calibration_batches is 17 but the training "
+                                            "data gives 16 batches"]),
+    "qat freeze after the stage": ({"name": "q", "kind": "quantize", "method": "qat", "epochs": 1,
+                                    "optimizer": {"name": "sgd", "lr": 0.01}, "freeze_observers_after": {"epochs": 2}},
+                                   ["stages[1].freeze_observers_after: freeze_observers_after is at step 32, not inside "
+                                    "the stage's 16 steps"]),
+    "rewind after the dense round": ({"name": "lth", "kind": "iterative_prune", "rounds": 2, "fraction": 0.2,
+                                      "rewind": {"epochs": 2}, "retrain": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}},
+                                     ["stages[1].rewind: the rewind point (step 32) lies after the dense round's 16 steps"]),
+}
+
+
+@pytest.mark.parametrize("case", WINDOWS)
+def test_windows_inside_other_stages(nnopt, write_recipe, case):
+    stage, fragments = WINDOWS[case]
+    refused(nnopt, write_recipe, recipe_with(stage), *fragments)
+
+
+WARNINGS = {
+    "cosine floor equal to lr": ({"schedule": {"name": "cosine", "min_lr": 0.05}}, "the schedule is constant"),
+    "step decay that never decays": ({"schedule": {"name": "step", "every_epochs": 3}}, "never decays"),
+    "validation never runs": ({"val_every_epochs": 4}, "the stage reports no val_loss or val_acc"),
+    "early stopping that cannot act": ({"early_stopping": {"patience": 3}},
+                                       "early stopping has patience 3 but the stage validates only 3 times"),
+}
+
+
+@pytest.mark.parametrize("case", WARNINGS)
+def test_legal_but_suspicious_settings_warn(nnopt, write_recipe, case):
+    fields, fragment = WARNINGS[case]
+    accepted(nnopt, write_recipe, recipe_with(EVALUATE, train=fields), fragment)
+
+
+def test_warnings_are_recorded_in_run_json(nnopt, write_recipe, tmp_path):
+    recipe = recipe_with(train={"epochs": 1, "schedule": {"name": "step", "every_epochs": 1}})
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    assert code == 0 and "warning" in err and "never decays" in err
+    recorded = json.loads((tmp_path / "out" / "tiny" / "run.json").read_text())["warnings"]
+    assert len(recorded) == 1 and "stages[0].schedule.every_epochs" in recorded[0] and "never decays" in recorded[0]
+
+
+# ---- expect rules some stage can satisfy ----------------------------------------------------------
+
+EXPECT = {
+    "test_error without an evaluate stage": ([], {"test_error": {"at_most": 0.1}},
+                                             ["expect.metrics.test_error: no stage of this recipe reports `test_error`",
+                                              "add `{name: evaluate, kind: evaluate}`"]),
+    "test_error with an evaluate on val": ([{**EVALUATE, "split": "val"}], {"test_error": {"at_most": 0.1}},
+                                           ["no stage of this recipe reports `test_error`"]),
+    "latency_ratio with one evaluate": ([EVALUATE], {"latency_ratio": {"at_most": 0.5}},
+                                        ["latency_ratio compares two latency measurements, but only stage `evaluate`"]),
+    "a metric the stage never reports": ([EVALUATE], {"train.test_acc": {"at_least": 0.5}},
+                                         ["stage `train` (train) does not report `test_acc`"]),
+    "a layer the model does not have": ([PRUNE], {"prune.layer_sparsity_after.fc9.weight": {"at_least": 0.4}},
+                                        ["the model has no layer `fc9.weight`"]),
+}
+
+
+@pytest.mark.parametrize("case", EXPECT)
+def test_expect_rules_no_stage_can_satisfy(nnopt, write_recipe, case):
+    stages, metrics, fragments = EXPECT[case]
+    recipe = recipe_with(*stages, expect={"source": "a paper", "metrics": metrics})
+    refused(nnopt, write_recipe, recipe, *fragments)
+
+
+def test_satisfiable_expect_passes(nnopt, write_recipe):
+    metrics = {"test_error": {"at_most": 0.5}, "latency_ratio": {"at_most": 2}, "weights_kept": {"at_most": 0.6},
+               "prune.layer_sparsity_after.fc1.weight": {"at_least": 0.4}}
+    accepted(nnopt, write_recipe, recipe_with(EVALUATE, PRUNE, EVALUATE | {"name": "final"},
+                                              expect={"source": "a paper", "metrics": metrics}))
+
+
+# ---- numbers and text at the edge ------------------------------------------------------------------
+
+
+def test_a_5000_digit_seed_is_a_located_error(nnopt, write_recipe):
+    text = "name: x\nseed: " + "9" * 5000 + "\n"
+    err = refused(nnopt, write_recipe, text, ":2:7:", "a number of 5000 characters")
+    assert len(err) < 1000
+
+
+def test_seed_plus_stage_index_stays_a_valid_seed(nnopt, write_recipe):
+    refused(nnopt, write_recipe, recipe_with(EVALUATE, seed=4294967295),
+            "seed: seed 4294967295 is too large: stage 2 runs with seed + 1", "at most 4294967294")
+    accepted(nnopt, write_recipe, recipe_with(EVALUATE, seed=4294967294))
+
+
+@pytest.mark.parametrize("where", ["trainer", "evaluate"])
+def test_threads_beyond_the_cores_are_refused(nnopt, write_recipe, where):
+    recipe = recipe_with(EVALUATE)
+    (recipe["trainer"] if where == "trainer" else recipe["stages"][1])["threads"] = 100000
+    refused(nnopt, write_recipe, recipe, "threads 100000 is more than the")
+
+
+@pytest.mark.parametrize("lr", [".inf", ".nan", "1e400"])
+def test_learning_rates_are_finite(nnopt, write_recipe, lr):
+    text = yaml.safe_dump(recipe_with(EVALUATE), sort_keys=False).replace("lr: 0.05", f"lr: {lr}")
+    refused(nnopt, write_recipe, text, "stages[0].optimizer.lr", "finite number")
+
+
+@pytest.mark.parametrize("field", ["data.name", "stages.0.kind", "model.args.huge_unknown"])
+def test_a_5_mb_value_is_cut_in_the_message(nnopt, write_recipe, field):
+    huge = "x" * 5_000_000
+    path = write_recipe(recipe_with(EVALUATE))
+    key = field if not field.endswith("huge_unknown") else "model.args." + huge
+    code, _, err = nnopt("validate", path, "-o", f"{key}={huge}")
+    assert code == 2 and len(err) < 3000 and "characters)" in err
+
+
+def test_yaml_merge_keys_are_accepted(nnopt, write_recipe):
+    text = """\
+name: merged
+model: {name: mlp, args: {hidden: [16], in_features: 32}}
+data: {name: synthetic, batch_size: 32, args: {shape: [32], num_train: 256, num_val: 64, num_test: 64}}
+stages:
+  - &base {name: train, kind: train, epochs: 1, optimizer: {name: sgd, lr: 0.05}}
+  - <<: *base
+    name: more
+    kind: finetune
+"""
+    path = write_recipe(text)
+    code, out, err = nnopt("validate", path)
+    assert code == 0 and "more (finetune)" in out, err
+
+
+def bomb(levels: int) -> str:
+    """A YAML alias bomb: `levels` lists of ten references each to the previous one (10**levels values)."""
+    lines = ["[&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f", &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "".join(lines) + "]"
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (bomb(7), "more than 200000 values"),
+    ("[" * 100 + "]" * 100, "nests more than 64 levels"),
+    ("9" * 5000, "a number of 5000 characters"),
+    ("!!python/object/apply:os.system [echo hacked]", "YAML tag `!!python/object/apply:os.system` refused"),
+])
+def test_override_values_have_the_file_limits(nnopt, write_recipe, value, fragment):
+    code, _, err = nnopt("validate", write_recipe(recipe_with(EVALUATE)), "-o", f"model.args.hidden={value}")
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err and "override `model.args.hidden=" in err and fragment in err, err
+
+
+def test_override_index_of_5000_digits(nnopt, write_recipe):
+    code, _, err = nnopt("validate", write_recipe(recipe_with(EVALUATE)), "-o", "stages." + "9" * 5000 + ".epochs=1")
+    assert code == 2 and "out of range" in err and len(err) < 1000
+
+
+def test_a_stage_name_with_a_dot_is_refused(nnopt, write_recipe):
+    recipe = recipe_with(EVALUATE)
+    recipe["stages"][0]["name"] = "train.v2"
+    refused(nnopt, write_recipe, recipe, "stages[0].name: a stage name cannot contain `.`")
+
+
+# ---- degenerate results -----------------------------------------------------------------------------
+
+
+def test_pruning_a_layer_to_nothing_is_refused_unless_meant(nnopt, write_recipe):
+    prune = {"name": "prune", "kind": "prune", "sparsity": 0.9999}
+    refused(nnopt, write_recipe, recipe_with(prune), "stages[1].sparsity: `fc2.weight` would keep none of its 320 "
+            "weights", "allow_empty_layers: true")
+    accepted(nnopt, write_recipe, recipe_with(prune | {"allow_empty_layers": True}))
+
+
+def test_iterative_rounds_that_leave_nothing_are_refused(nnopt, write_recipe):
+    rounds = {"name": "ip", "kind": "iterative_prune", "rounds": 12, "fraction": 0.6,
+              "retrain": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}}
+    refused(nnopt, write_recipe, recipe_with(rounds), "`fc2.weight` would keep none of its 320 weights after 12 rounds")
