@@ -95,21 +95,21 @@ def test_a_torchvision_data_set_by_name_reads_its_root_and_trains(nnopt, write_r
     # torchvision's FashionMNIST reader, fed real MNIST digits written in that format.
     mnist = DATASETS.get("mnist")()
     raw = tmp_path / "fashion" / "FashionMNIST" / "raw"
-    write_idx(raw, "train", mnist.train[0][:3000], mnist.train[1][:3000])
-    write_idx(raw, "t10k", mnist.test[0][:500], mnist.test[1][:500])
+    write_idx(raw, "train", mnist.train[0][:1200], mnist.train[1][:1200])
+    write_idx(raw, "t10k", mnist.test[0][:300], mnist.test[1][:300])
     recipe = shapes_recipe(tmp_path / "fashion", epochs=2)
     recipe["model"] = {"name": "lenet_300_100"}
-    recipe["data"] = {"name": "fashion_mnist", "args": {"root": "fashion", "val_size": 500}, "batch_size": 64,
+    recipe["data"] = {"name": "fashion_mnist", "args": {"root": "fashion", "val_size": 200}, "batch_size": 32,
                       "loader": {"workers": 0}}
     path = write_recipe(recipe)
     data = build_data(load_recipe(path).data, 0)
-    assert [data.split_size(split) for split in ("train", "val", "test")] == [2500, 500, 500]
+    assert [data.split_size(split) for split in ("train", "val", "test")] == [1000, 200, 300]
     x, y = data.examples("test", 5)
-    distance = (mnist.test[0][:500] - x[0]).abs().flatten(1).amax(1)  # the probe is a test digit, pixel for pixel
+    distance = (mnist.test[0][:300] - x[0]).abs().flatten(1).amax(1)  # the probe is a test digit, pixel for pixel
     assert distance.min() <= 0.5 / 255 and mnist.test[1][int(distance.argmin())] == y[0]
     code, _, err = nnopt("run", path, "-O", tmp_path / "out")
     assert code == 0, err
-    assert read_metrics(tmp_path / "out" / "shapes", "02-evaluate")["test_acc"] > 0.8
+    assert read_metrics(tmp_path / "out" / "shapes", "02-evaluate")["test_acc"] > 0.7  # chance is 0.1
 
 
 def test_a_missing_torchvision_root_names_the_files_expected_at_validate(nnopt, write_recipe, tmp_path):

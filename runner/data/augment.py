@@ -101,5 +101,15 @@ def build(items: list) -> Any:
         except TransformProblem as problem:
             raise TransformProblem((i,) + problem.where, problem.message, problem.hint) from None
     if not any(split_item(item)[0] in CONVERSIONS for item in items):
-        transforms = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *transforms]
+        transforms = [as_float_image, *transforms]
     return v2.Compose(transforms)
+
+
+def as_float_image(example):
+    """A PIL image or an integer tensor as a float tensor in [0, 1]; a float tensor (features, or an image
+    its source already scaled) as it is."""
+    if isinstance(example, torch.Tensor) and example.is_floating_point():
+        return example
+    from torchvision.transforms.v2 import functional
+
+    return functional.to_dtype(functional.to_image(example), torch.float32, scale=True)
