@@ -4,12 +4,17 @@ and one recipe file per output folder."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from runner import artifacts
 from runner.errors import RunError
+from runner.modelio import load_model
 from runner.store import OWNER, Store, claim, find_store, keep_setting, store_of
+from tests.conftest import read_metrics, synthetic_recipe
 
 A, B, C = "a" * 16, "b" * 16, "c" * 16
 
@@ -180,3 +185,119 @@ def test_one_recipe_file_owns_an_output_folder(tmp_path):
     assert (folder / OWNER).read_text().strip() == str(second)
     second.unlink()  # the owner is gone (renamed or deleted): the folder is free again
     claim(folder, first)
+
+
+# -- what a user runs ---------------------------------------------------------------------------
+
+def train_state(run_dir) -> tuple[int, bytes]:
+    """When the numbered train folder's model was written, and its bytes."""
+    model = run_dir / "01-train" / "model.pt"
+    return model.stat().st_mtime_ns, model.read_bytes()
+
+
+def plan_lines(out: str) -> dict[str, str]:
+    lines = [line.strip() for line in out.split("plan:", 1)[1].splitlines()[1:3]]
+    return {line.split()[1]: line for line in lines}
+
+
+def test_a_failing_override_leaves_the_finished_stage_and_a_plain_rerun_reuses_it(nnopt, write_recipe, tmp_path):
+    path, out_dir, run_dir = write_recipe(synthetic_recipe(epochs=1)), tmp_path / "out", tmp_path / "out" / "tiny"
+    assert nnopt("run", path, "-O", out_dir)[0] == 0
+    finished = train_state(run_dir)
+
+    code, out, err = nnopt("run", path, "-O", out_dir, "-o", "stages.train.optimizer.lr=1e30")  # .inf is refused at validate now
+    assert code == 1 and "stage `train` failed: the training loss is" in err
+    assert plan_lines(out)["train"] == "run   train (train): config changed"
+    assert train_state(run_dir) == finished and load_model(run_dir / "01-train") is not None
+
+    code, out, _ = nnopt("run", path, "-O", out_dir)
+    assert code == 0 and plan_lines(out) == {"train": "reuse train (train): finished artifact matches",
+                                             "evaluate": "reuse evaluate (evaluate): finished artifact matches"}
+    assert train_state(run_dir) == finished
+
+
+def test_flipping_an_override_back_reruns_nothing_and_prune_keeps_the_current(nnopt, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("NNOPT_STORE_KEEP", "1")  # each run's own prune keeps one other config per stage
+    path, out_dir, run_dir = write_recipe(synthetic_recipe(epochs=1)), tmp_path / "out", tmp_path / "out" / "tiny"
+    lr_b = ("-o", "stages.train.optimizer.lr=0.02")
+    assert nnopt("run", path, "-O", out_dir)[0] == 0
+    state_a, evaluate_a = train_state(run_dir), read_metrics(run_dir, "02-evaluate")
+    assert nnopt("run", path, "-O", out_dir, *lr_b)[0] == 0
+    state_b = train_state(run_dir)
+    assert state_b[1] != state_a[1]
+
+    code, out, _ = nnopt("run", path, "-O", out_dir)  # back to A: nothing trains
+    assert code == 0 and plan_lines(out) == {
+        "train": "reuse train (train): finished artifact matches (kept in the store)",
+        "evaluate": "reuse evaluate (evaluate): finished artifact matches (kept in the store)"}
+    assert train_state(run_dir) == state_a and read_metrics(run_dir, "02-evaluate") == evaluate_a
+
+    code, out, _ = nnopt("store", run_dir)
+    rows = [line for line in out.splitlines() if " train " in line or " evaluate " in line]
+    assert len(rows) == 4 and sum("current" in row for row in rows) == 2 and sum("kept" in row for row in rows) == 2
+    code, out, _ = nnopt("store", run_dir, "--prune", "--keep", "0")
+    assert code == 0 and "pruned 2 artifacts" in out
+    assert train_state(run_dir) == state_a and nnopt("run", path, "-O", out_dir)[1].count("reuse ") == 2
+    code, out, _ = nnopt("run", path, "-O", out_dir, *lr_b)
+    assert "run   train (train): config changed" in out and train_state(run_dir)[1] == state_b[1]  # B was pruned: rebuilt
+
+
+KILLED_AT = """
+import os, signal, sys
+from runner.cli import main
+from runner.store import Store
+setattr(Store, sys.argv[1], lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("step", ["_enter", "show"], ids=["after-DONE-before-the-rename", "before-the-link-swap"])
+def test_a_kill_during_the_commit_leaves_a_loadable_artifact(nnopt, write_recipe, tmp_path, step):
+    path, out_dir, run_dir = write_recipe(synthetic_recipe(epochs=1)), tmp_path / "out", tmp_path / "out" / "tiny"
+    assert nnopt("run", path, "-O", out_dir)[0] == 0
+    finished = train_state(run_dir)
+    lr_b = ["-o", "stages.train.optimizer.lr=0.02"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT, step, "run", path, "-O", out_dir, *lr_b],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "run train (train)" in killed.stdout  # killed in train's commit, after training
+    assert train_state(run_dir) == finished and load_model(run_dir / "01-train") is not None
+
+    code, out, _ = nnopt("run", path, "-O", out_dir, *lr_b)  # the killed build is whole: train is not retrained
+    assert code == 0 and plan_lines(out)["train"] == "reuse train (train): finished artifact matches (kept in the store)"
+    assert train_state(run_dir)[1] != finished[1] and load_model(run_dir / "01-train") is not None
+
+
+def test_a_same_name_recipe_from_another_file_is_refused_and_force_takes_over(nnopt, write_recipe, tmp_path):
+    first = write_recipe(synthetic_recipe(epochs=1), "first.yaml")
+    second = write_recipe(synthetic_recipe(epochs=1, optimizer={"name": "sgd", "lr": 0.02}), "second.yaml")
+    out_dir, run_dir = tmp_path / "out", tmp_path / "out" / "tiny"
+    assert nnopt("run", first, "-O", out_dir)[0] == 0
+    finished = train_state(run_dir)
+
+    code, _, err = nnopt("run", second, "-O", out_dir)
+    err = " ".join(err.split())
+    assert code == 1 and f"holds the runs of another recipe file with the same `name:`, {first}" in err
+    assert "-O DIR" in err and "another `name:`" in err and "--force" in err
+    assert train_state(run_dir) == finished
+
+    code, out, _ = nnopt("run", second, "-O", out_dir, "--force")
+    assert code == 0 and plan_lines(out)["train"] == "run   train (train): --force"
+    assert (run_dir / OWNER).read_text().strip() == str(second) and train_state(run_dir)[1] != finished[1]
+    assert nnopt("run", first, "-O", out_dir)[0] == 1
+    assert nnopt("sweep", first, "-O", out_dir, "-s", "stages.train.epochs=1")[0] == 1
+
+
+def test_seeds_and_sweep_points_share_one_store(nnopt, write_recipe, tmp_path):
+    recipe = synthetic_recipe(epochs=1)
+    recipe["stages"].insert(1, {"name": "prune", "kind": "prune", "sparsity": 0.5})
+    path, out_dir = write_recipe(recipe), tmp_path / "out"
+    code, out, err = nnopt("sweep", path, "-O", out_dir, "-s", "stages.prune.sparsity=0.5,0.8")
+    assert code == 0, err
+    assert out.count("run train (train)") == 1  # the baseline both points share trains once
+    point = out_dir / "tiny" / "sweep" / "02_sparsity=0.8"
+    assert "finished artifact matches (kept in the store)" in out and (point / "01-train").is_symlink()
+    code, out, _ = nnopt("run", path, "-O", out_dir)  # the plain run's config is the first point's: reused whole
+    assert code == 0 and out.count("reuse ") == 3 and "run " not in out.split("plan:", 1)[1].split("\n\n")[0]
+    stores = [p for p in (out_dir / "tiny").rglob(".store")]
+    assert stores == [out_dir / "tiny" / ".store"]
