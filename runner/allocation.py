@@ -114,18 +114,17 @@ def layer_bytes(nonzeros: int, bits: int | None) -> float:
     return nonzeros * 4.0 if bits is None else nonzeros * bits / 8 + 4 * 2**bits
 
 
-def allocate_bits(scan: dict, names: list[str], *, max_bytes: float | None = None,
+def allocate_bits(scan: dict, nonzeros: dict[str, int], *, max_bytes: float | None = None,
                   max_drop: float | None = None) -> dict:
     """Codebook bits per layer (None: left in float) from the scan's weight-sharing curves, under a bytes budget
-    on the layers' values or a predicted accuracy-drop budget.
+    on the values of the layers' `nonzeros` or a predicted accuracy-drop budget.
 
     Greedy, as accuracy-driven tuners do: start from every layer in float and repeatedly take the
     step (a layer into its widest scanned codebook, or one scanned width narrower) that saves the most
     bytes per unit of predicted drop; with `max_bytes`, stop once within it; with `max_drop`, take only
     the steps that keep the predicted total within it, until none is left.
     """
-    layers = scan["layers"]
-    nonzeros = {n: round(layers[n]["size"] * (1 - layers[n]["sparsity"])) for n in names}
+    layers, names = scan["layers"], list(nonzeros)
     accuracy = {n: {int(bits): acc for bits, acc in layers[n]["shared"]} for n in names}
     baseline = scan["baseline_acc"]
     chosen: dict[str, int | None] = {n: None for n in names}

@@ -66,6 +66,17 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 
+def _chosen_lines(outcomes: list[StageOutcome]) -> list[str]:
+    """What stages chose automatically (per-layer sparsity, codebook bits), as the plain recipe fields that
+    reproduce it."""
+    chosen = [(o.name, o.metrics["allocation"]["reproduce"]) for o in outcomes
+              if isinstance(o.metrics.get("allocation"), dict) and "reproduce" in o.metrics["allocation"]]
+    if not chosen:
+        return []
+    return (["## Chosen automatically", "", "Put these fields in the stage (without `allocation`) to reproduce "
+             "the choice without a scan:", ""] + [f"- `{name}`: `{text}`" for name, text in chosen] + [""])
+
+
 def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: str, finished: str) -> list[Verdict]:
     """run.json (provenance), report.json and report.md (results, expect verdicts, plots); returns the verdicts."""
     write_json(run_dir / "run.json", {
@@ -87,7 +98,7 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
         "name": recipe.name, "seed": recipe.seed, "started": started, "finished": finished,
         "stages": [{"name": o.name, "kind": o.kind, "status": o.status, "seconds": o.seconds,
                     "metrics": _scalars(o.metrics),
-                    **{key: o.metrics[key] for key in ("layer_sparsity", "layer_bits") if key in o.metrics}}
+                    **{key: o.metrics[key] for key in ("layer_sparsity", "layer_bits", "allocation") if key in o.metrics}}
                    for o in outcomes],
         "run_metrics": derived,
         "layers": layers,
@@ -123,6 +134,7 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
             kept = None if sparsity is None else round(1 - sparsity, 6)
             lines.append(f"| {name} | {_cell(sparsity)} | {_cell(kept)} | {_cell(layers['layer_bits'].get(name))} |")
         lines.append("")
+    lines += _chosen_lines(outcomes)
     lines += ["## Plots", ""] + ([f"![{path}]({path})" for path in drawn] if notice is None else [notice])
     lines += ["", "Every metric of every stage is in `report.json`, in the stage folder's `metrics.json` and in "
               "`run.json`.", ""]

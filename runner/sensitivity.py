@@ -17,7 +17,9 @@ PLOT_FILE = "sensitivity.png"
 
 
 @torch.inference_mode()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Fraction of (x, y) the model classifies right, in batches of `batch_size`."""
+    model.eval()
     correct = sum(int((model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(x), batch_size))
     return correct / len(x)
@@ -66,7 +68,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, names: list[str]
     A level at or below a layer's present sparsity is skipped: pruning never revives a weight."""
     work = bake_parametrizations(copy.deepcopy(model)).eval()
     weights = dict(work.named_parameters())
-    baseline = _accuracy(work, x, y, batch_size)
+    baseline = accuracy(work, x, y, batch_size)
     layers = {}
     for name in names:
         weight = weights[name]
@@ -78,7 +80,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, names: list[str]
             with torch.no_grad():
                 weight.copy_(value)
             try:
-                return _accuracy(work, x, y, batch_size)
+                return accuracy(work, x, y, batch_size)
             finally:
                 with torch.no_grad():
                     weight.copy_(original)

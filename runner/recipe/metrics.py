@@ -113,8 +113,9 @@ SENSITIVITY = (
 )
 
 ALLOCATION = (
-    Metric("allocation.*", "scope auto: the scan used (`sensitivity`), the chosen sparsity, pruned count and "
-                           "predicted accuracy drop per layer, their total, and `reproduce` (the plain recipe fields)"),
+    Metric("allocation.*", "what was chosen automatically: the scan used (`sensitivity`), the per-layer values "
+                           "(sparsity and pruned count, or bits), predicted (and measured) accuracy drops, and "
+                           "`reproduce`, the plain recipe fields that make the same choice"),
 )
 
 ITERATIVE = (

@@ -101,6 +101,7 @@ class SensitivityStage(PruneScan):
     kmeans_iterations: PositiveInt = 20
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.SENSITIVITY
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE  # it prunes and shares float weights
 
 
 class Allocation(Spec):
@@ -271,16 +272,45 @@ class QatInt8(Training):
     freeze_batchnorm_after: Point | None = None  # BN statistics fixed from here on (folded BN, §3.2)
 
 
+class BitsAllocation(Spec):
+    """Codebook bits per layer chosen automatically: under a bytes budget for the shared layers' values, or an
+    accuracy-drop budget, in which case layers are left in float (unshared) until the measured drop is within it."""
+
+    sensitivity: StageName | None = None  # an earlier `sensitivity` stage whose scan to use; none: scan here
+    bits: Annotated[list[Bits], Field(min_length=1)] = [2, 3, 4, 5, 6, 8]  # the widths scanned here
+    examples: PositiveInt = 2000  # validation examples the scan and the drop are measured on
+    max_bytes: PositiveInt | None = None  # nonzero values as codebook indices plus the codebooks, all layers
+    max_drop: Fraction | None = None  # validation accuracy drop allowed (0.005: half a point)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.max_bytes is None) == (self.max_drop is None):
+            raise ValueError("give exactly one budget: `max_bytes` or `max_drop`")
+        if self.sensitivity is not None and "bits" in self.model_fields_set:
+            raise ValueError("`bits` sets the widths scanned here; with `sensitivity` the named stage's scan is used")
+        return self
+
+
 class WeightSharing(Spec):
     """Deep Compression (Han et al. 2016 §3): per-layer k-means codebooks over the nonzero weights."""
 
     name: StageName
     kind: Literal["quantize"]
     method: Literal["weight_sharing"]
-    bits: Annotated[int, Field(ge=1, le=8)] | dict[str, Annotated[int, Field(ge=1, le=8)]]  # one value or {glob: bits}
+    bits: Bits | dict[str, Bits] | None = None  # one value or {glob: bits}; or `allocation`
+    allocation: BitsAllocation | None = None  # per-layer bits chosen under a budget instead of `bits`
     kmeans_iterations: PositiveInt = 50
     finetune: Training | None = None  # centroid fine-tuning (§3.3): a centroid's gradient sums its members'
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE + declared.WEIGHT_SHARING
+
+    def declared_metrics(self) -> tuple[declared.Metric, ...]:
+        return type(self).stage_metrics + (declared.ALLOCATION if self.allocation is not None else ())
+
+    @model_validator(mode="after")
+    def _bits_or_allocation(self):
+        if (self.bits is None) == (self.allocation is None):
+            raise ValueError("give `bits` (one width or {pattern: bits}) or `allocation` (bits chosen under a budget)")
+        return self
     model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
     model_produces: ClassVar[str | None] = states.SHARED
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Slug, Sparsity, Spec, tag_values
+from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Sparsity, Spec, StageName, tag_values
 
 # ---- optimizers -------------------------------------------------------------------------------
 
@@ -211,7 +211,7 @@ class Distillation(Spec):
     the T^2 keeps the soft term's gradients on the scale of the hard one's as T changes. The teacher is
     an earlier stage's finished model; it runs in eval mode, without gradients, on the same batches."""
 
-    teacher: Slug  # the name of an earlier stage of the recipe
+    teacher: StageName  # the name of an earlier stage of the recipe
     temperature: PositiveFloat = 4.0
     alpha: Fraction = 0.9  # weight of the distillation term; 1 - alpha weighs the labels' loss
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from runner import pruning, sensitivity
+from runner.allocation import AllocationError, allocate_bits
 from runner.compress import int8, sharing
 from runner.errors import StageError
 from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
 from runner.lightning.qat import FreezeQuantization
-from runner.measure import accuracy, dense_fp32_bytes, serialized_bytes
+from runner.measure import accuracy, dense_fp32_bytes, named_tensors, serialized_bytes
 from runner.modelio import write_packed
 from runner.recipe.stages import DynamicInt8, QatInt8, StaticInt8, WeightSharing
 from runner.stages import STAGES
@@ -53,8 +55,56 @@ def _qat(spec: QatInt8, model, ctx: StageContext):
                               groups=groups), metrics
 
 
+def _bits_scan(spec: WeightSharing, model, names: list[str], ctx: StageContext) -> tuple[dict, str]:
+    settings = spec.allocation
+    if settings.sensitivity is None:
+        x, y = ctx.data().examples("val", settings.examples)
+        return sensitivity.scan(model, x, y, names=names, sparsities=[], bits=settings.bits, int8=False,
+                                kmeans_iterations=spec.kmeans_iterations, batch_size=1000), "scanned here"
+    folder = ctx.artifact(settings.sensitivity)
+    scan = sensitivity.read(folder)
+    missing = [name for name in names if not scan["layers"].get(name, {}).get("shared")]
+    if missing:
+        raise StageError(spec.name, f"the scan of `{settings.sensitivity}` has no codebook curve for "
+                         f"{', '.join(missing)}", "scan every Linear and Conv weight with some `bits`")
+    return scan, settings.sensitivity
+
+
+def _allocate_bits(spec: WeightSharing, model, ctx: StageContext) -> tuple[dict[str, int], dict]:
+    """Per-layer bits under the budget; with `max_drop`, layers go back to float, the most sensitive first,
+    until the drop measured on the scan's examples is within it (accuracy-driven tuning)."""
+    names = pruning.prunable_names(model)
+    scan, source = _bits_scan(spec, model, names, ctx)
+    settings = spec.allocation
+    weights = named_tensors(model)
+    nonzeros = {name: int((weights[name] != 0).sum()) for name in names}  # the model's, maybe pruned since the scan
+    try:
+        chosen = allocate_bits(scan, nonzeros, max_bytes=settings.max_bytes, max_drop=settings.max_drop)
+    except AllocationError as err:
+        raise StageError(spec.name, err.message, err.hint) from None
+    bits = {name: b for name, b in chosen["bits"].items() if b is not None}
+    report = {"sensitivity": source, "predicted_drop": chosen["predicted_drop"],
+              "predicted_total_drop": chosen["predicted_total_drop"]}
+    if settings.max_drop is not None:
+        x, y = ctx.data().examples("val", settings.examples)
+        baseline = sensitivity.accuracy(model, x, y, 1000)
+        while True:
+            measured = baseline - sensitivity.accuracy(sharing.share_weights(model, bits, spec.kmeans_iterations)[0],
+                                                       x, y, 1000) if bits else 0.0
+            if measured <= settings.max_drop or not bits:
+                break
+            del bits[max(bits, key=lambda name: chosen["predicted_drop"][name])]
+        report["measured_drop"] = measured
+    report["bits"] = {name: bits.get(name) for name in names}  # None: left in float
+    report["reproduce"] = "bits: {" + ", ".join(f"{name}: {b}" for name, b in bits.items()) + "}"
+    return bits, report
+
+
 def _weight_sharing(spec: WeightSharing, model, ctx: StageContext):
-    shared, metrics = sharing.share_weights(model, spec.bits, spec.kmeans_iterations)
+    bits, allocation = _allocate_bits(spec, model, ctx) if spec.allocation is not None else (spec.bits, None)
+    shared, metrics = sharing.share_weights(model, bits, spec.kmeans_iterations)
+    if allocation is not None:
+        metrics["allocation"] = allocation
     if spec.finetune is not None:
         module = ClassifierModule(shared, spec.finetune, ctx.data().num_classes)
         metrics.update({f"finetune_{k}": v for k, v in fit(spec.finetune, module, ctx).items()})

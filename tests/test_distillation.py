@@ -1,0 +1,182 @@
+"""Knowledge distillation: Hinton's loss on fixed logits, the teacher an earlier stage in eval mode without
+gradients, its cost reported, exact resume with a teacher, and a missing teacher found at validate."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from runner.lightning.objective import build_objective, distillation_loss
+from runner.lightning.resume import ResumePoints
+from runner.lightning.teacher import Teacher
+from runner.recipe.training import CrossEntropy, Distillation
+from tests.conftest import building_folder, read_metrics, synthetic_recipe
+from tests.test_resume import nnopt_process, timing
+
+STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+TEACHER = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.5]]
+LABELS = [1, 2]
+
+
+def _softmax(row: list[float], temperature: float) -> list[float]:
+    exps = [math.exp(v / temperature) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _by_hand(temperature: float, alpha: float) -> float:
+    kl = sum(sum(p * (math.log(p) - math.log(q)) for p, q in zip(_softmax(t, temperature), _softmax(s, temperature)))
+             for s, t in zip(STUDENT, TEACHER)) / len(STUDENT)
+    ce = sum(-math.log(_softmax(s, 1.0)[y]) for s, y in zip(STUDENT, LABELS)) / len(STUDENT)
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("temperature, alpha", [(2.0, 0.75), (4.0, 0.9), (1.0, 0.0), (3.0, 1.0)])
+def test_distillation_loss_equals_a_hand_computation(temperature, alpha):
+    spec = Distillation(teacher="train", temperature=temperature, alpha=alpha)
+    hard = build_objective(CrossEntropy(name="cross_entropy"), 3)
+    student = torch.tensor(STUDENT, dtype=torch.float64, requires_grad=True)
+    loss = distillation_loss(spec, hard, student, torch.tensor(TEACHER, dtype=torch.float64), torch.tensor(LABELS))
+    assert float(loss.detach()) == pytest.approx(_by_hand(temperature, alpha), rel=1e-12)
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_a_student_that_matches_its_teacher_pays_only_the_labels_share():
+    spec = Distillation(teacher="train", temperature=5.0, alpha=0.6)
+    hard = build_objective(CrossEntropy(name="cross_entropy"), 3)
+    logits, labels = torch.tensor(TEACHER), torch.tensor(LABELS)
+    assert float(distillation_loss(spec, hard, logits, logits.clone(), labels)) == pytest.approx(
+        0.4 * float(hard(logits, labels)), abs=1e-6)
+
+
+def test_the_teacher_runs_in_eval_mode_without_gradients():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    teacher = Teacher("train", model)
+    x = torch.randn(16, 4)
+    first, second = teacher.logits(x), teacher.logits(x)
+    assert torch.equal(first, second)  # dropout off
+    assert not first.requires_grad and not any(p.requires_grad for p in model.parameters())
+    cost = teacher.cost(fit_seconds=10.0)
+    assert cost["teacher"] == "train" and cost["teacher_params"] == 4 * 8 + 8 + 8 * 3 + 3
+    assert 0 < cost["teacher_seconds"] < 10 and cost["teacher_share"] == pytest.approx(cost["teacher_seconds"] / 10, abs=1e-3)
+
+
+# ---- through the CLI ---------------------------------------------------------------------------------------
+
+
+def _distilled_recipe(epochs: int = 3, **distillation) -> dict:
+    recipe = synthetic_recipe(epochs=2)
+    recipe["model"]["args"]["dropout"] = 0.3  # the student draws from the RNG: resume must restore it
+    finetune = {"name": "finetune", "kind": "finetune", "epochs": epochs, "schedule": {"name": "cosine"},
+                "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+                "distillation": {"teacher": "train", "temperature": 3.0, "alpha": 0.8, **distillation}}
+    recipe["stages"] = [recipe["stages"][0], {"name": "prune", "kind": "prune", "sparsity": 0.8}, finetune]
+    recipe["trainer"]["checkpoint"] = {"every_n_steps": 4}
+    return recipe
+
+
+def _finetune_result(run_dir) -> tuple[dict, dict]:
+    metrics = read_metrics(run_dir, "03-finetune")
+    teacher = metrics.pop("distillation")
+    metrics = {k: v for k, v in metrics.items() if not timing(k)}
+    return metrics, teacher
+
+
+def _weights(run_dir) -> dict:
+    return torch.load(run_dir / "03-finetune" / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    from runner.cli import main
+    import yaml
+
+    folder = tmp_path_factory.mktemp("straight")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(_distilled_recipe()))
+    assert main(["run", str(folder / "recipe.yaml"), "-O", str(folder)]) == 0
+    return folder / "tiny"
+
+
+def test_distillation_changes_training_and_reports_the_teachers_cost(nnopt, write_recipe, tmp_path, straight):
+    metrics, teacher = _finetune_result(straight)
+    assert teacher["teacher"] == "train" and teacher["teacher_params"] == 32 * 32 + 32 + 32 * 10 + 10
+    assert teacher["teacher_seconds"] > 0 and 0 < teacher["teacher_share"] < 1
+    plain = _distilled_recipe()
+    del plain["stages"][2]["distillation"]
+    code, _, err = nnopt("run", write_recipe(plain), "-O", tmp_path)
+    assert code == 0, err
+    assert "distillation" not in read_metrics(tmp_path / "tiny", "03-finetune")
+    distilled, undistilled = _weights(straight), _weights(tmp_path / "tiny")
+    assert not torch.equal(distilled["fc1.parametrizations.weight.original"], undistilled["fc1.parametrizations.weight.original"])
+
+
+def test_a_distilled_fit_resumes_exactly_after_an_interruption(nnopt, write_recipe, tmp_path, monkeypatch, straight):
+    save, seen = ResumePoints._save, {}
+
+    def save_then_interrupt(self, trainer):  # Ctrl-C after the finetune's third checkpoint
+        save(self, trainer)
+        seen[self.path] = seen.get(self.path, 0) + 1
+        if len(seen) == 2 and seen[self.path] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumePoints, "_save", save_then_interrupt)
+    path = write_recipe(_distilled_recipe())
+    code, _, _ = nnopt("run", path, "-O", tmp_path)
+    assert code == 130 and len(seen) == 2
+    monkeypatch.setattr(ResumePoints, "_save", save)
+    code, out, err = nnopt("run", path, "-O", tmp_path)
+    assert code == 0, err
+    assert "finetune (finetune): unfinished: resumes from its last checkpoint at step" in out
+    got, teacher = _finetune_result(tmp_path / "tiny")
+    assert got == _finetune_result(straight)[0]
+    expected = _weights(straight)
+    assert all(torch.equal(_weights(tmp_path / "tiny")[k], expected[k]) for k in expected)
+    assert teacher["teacher"] == "train"
+
+
+@pytest.mark.slow
+def test_a_distilled_fit_killed_with_sigkill_resumes_exactly(write_recipe, tmp_path, straight):
+    recipe = _distilled_recipe()
+    recipe["trainer"]["threads"] = 1
+    path = write_recipe(recipe)
+    victim = nnopt_process(path, tmp_path)
+    position = building_folder(tmp_path / "tiny", path, index=2) / "checkpoint" / "last.json"
+    while victim.poll() is None:
+        if position.is_file() and json.loads(position.read_text())["step"] >= 20:  # the finetune's second epoch
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert victim.wait() == -signal.SIGKILL, victim.stdout.read()
+    resumed = nnopt_process(path, tmp_path)
+    out = resumed.communicate()[0]
+    assert resumed.returncode == 0, out
+    assert "finetune (finetune): unfinished: resumes from its last checkpoint" in out
+    assert _finetune_result(tmp_path / "tiny")[0] == _finetune_result(straight)[0]
+    expected = _weights(straight)
+    assert all(torch.equal(_weights(tmp_path / "tiny")[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("where, teacher, message", [
+    ("finetune", "trian", "stages[2].distillation.teacher: the recipe has no stage `trian`"),
+    ("finetune", "finetune", "stage `finetune` runs after this one"),
+    ("retrain", "nowhere", "stages[2].retrain.distillation.teacher: the recipe has no stage `nowhere`"),
+])
+def test_a_missing_teacher_stage_is_a_located_validate_error(nnopt, write_recipe, where, teacher, message):
+    recipe = _distilled_recipe(teacher=teacher)
+    if where == "retrain":
+        finetune = recipe["stages"][2]
+        recipe["stages"][2] = {"name": "rounds", "kind": "iterative_prune", "rounds": 1, "fraction": 0.5,
+                               "retrain": {k: v for k, v in finetune.items() if k not in ("name", "kind")}}
+    path = write_recipe(recipe)
+    code, _, err = nnopt("validate", path)
+    assert code == 2
+    flat = err.replace("\n", " ")
+    assert message in flat and f"{path.name}:" in flat
+    if teacher == "trian":
+        assert "did you mean `train`" in flat
