@@ -52,7 +52,7 @@ def fingerprints(recipe) -> list[str]:
     """Fingerprint of stage k = hash(its config, its position, stage k-1's fingerprint, run-wide settings,
     nnopt version). Checkpoint intervals are left out: with exact resume they cannot change a result."""
     shared = recipe.model_dump(mode="json", by_alias=True, include={"seed", "model", "data", "trainer"},
-                               exclude={"trainer": {"checkpoint"}})
+                               exclude={"trainer": {"checkpoint", "loggers"}})
     upstream = _digest({"run": shared, "version": __version__})
     result = []
     for index, spec in enumerate(recipe.stages):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from pytorch_lightning.tuner import Tuner
 
 from runner.errors import StageError
 from runner.lightning.gradual import GradualPruning
+from runner.lightning.keep import KeepBest
 from runner.lightning.module import ClassifierModule, NonFiniteLoss
 from runner.lightning.resume import prepare_resume
 from runner.lightning.teacher import Teacher
@@ -50,6 +52,9 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     teacher = Teacher(spec.distillation.teacher, ctx.load(spec.distillation.teacher)) if spec.distillation else None
     if teacher is not None:
         module.teach_with(teacher)
+    keeper = _keeper(spec, ctx)
+    if keeper is not None:
+        callbacks.append(keeper)
     if spec.early_stopping is not None:
         es = spec.early_stopping
         callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
@@ -81,6 +86,8 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     if trainer.interrupted:
         raise KeyboardInterrupt
     module.model = fitted_model(trainer, module, ctx.model_spec)
+    if keeper is not None:
+        metrics["kept"] = keeper.restore(module.model)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     for key in ("train_loss", "val_loss", "val_acc"):
         if key in logged:
@@ -98,6 +105,32 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     return metrics
 
 
+def _keeper(spec, ctx) -> KeepBest | None:
+    """The KeepBest callback for `keep: best`, refused where the best epoch's weights would mislead."""
+    if spec.keep.epoch != "best":
+        return None
+    if spec.gradual_pruning is not None:
+        raise StageError(ctx.name, "`keep: best` with `gradual_pruning`: an earlier epoch than the last has not "
+                         "reached the target sparsity", "keep the last epoch, or prune in a later stage")
+    return KeepBest(spec.keep.monitor, spec.keep.direction)
+
+
+@contextlib.contextmanager
+def _quiet_lr_finder_bar():
+    """Lightning's LR finder draws its own tqdm bar whatever the Trainer's progress bar; one style only:
+    the finder runs silently (its result is logged and in the metrics)."""
+    from pytorch_lightning.tuner import lr_finder
+
+    original = getattr(lr_finder, "tqdm", None)
+    if original is not None:
+        lr_finder.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            lr_finder.tqdm = original
+
+
 def _tune(spec, module: ClassifierModule, data, trainer, metrics: dict, stage: str) -> None:
     tuner = Tuner(trainer)
     if spec.batch_size_finder is not None:
@@ -106,8 +139,9 @@ def _tune(spec, module: ClassifierModule, data, trainer, metrics: dict, stage: s
             module, datamodule=data, mode=found.mode, steps_per_trial=found.steps_per_trial, init_val=data.batch_size,
             max_trials=found.max_trials)
     if spec.lr_finder is not None:
-        finder = tuner.lr_find(module, datamodule=data, min_lr=spec.lr_finder.min_lr,
-                               max_lr=spec.lr_finder.max_lr, num_training=spec.lr_finder.num_steps)
+        with _quiet_lr_finder_bar():
+            finder = tuner.lr_find(module, datamodule=data, min_lr=spec.lr_finder.min_lr,
+                                   max_lr=spec.lr_finder.max_lr, num_training=spec.lr_finder.num_steps)
         if finder is None or finder.suggestion() is None:
             raise StageError(stage, "the learning-rate finder found no usable learning rate",
                              "widen `lr_finder.min_lr`/`max_lr` or set `optimizer.lr` yourself")

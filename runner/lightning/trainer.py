@@ -25,6 +25,20 @@ for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+class _TunerCheckpointNotice(logging.Filter):
+    """Lightning's LR and batch-size finders save a temporary checkpoint of their own without `weights_only`
+    and say it defaulted to False. Nobody loads that file but the finder itself, in this process, and every
+    checkpoint nnopt writes or reads states weights_only (lightning/resume.py, fit.py), so the notice only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`weights_only` was not set" not in record.getMessage()
+
+
+for _name in ("pytorch_lightning.trainer.connectors.checkpoint_connector",
+              "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+    logging.getLogger(_name).addFilter(_TunerCheckpointNotice())
+
+
 def _strategy(settings):
     """The strategy as Lightning takes it: a name, or a configured FSDP/DeepSpeed strategy."""
     if settings.strategy == "fsdp":
@@ -44,12 +58,33 @@ def _strategy(settings):
     return settings.strategy
 
 
-def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, override=None,
+def _loggers(names: list[str], stage_dir: Path, run_name: str) -> list:
+    """The stage's experiment loggers, all writing under `stage_dir/logs/` without any network: the CSV log
+    (always: the report's curves read it) and those the recipe names."""
+    logs = Path(stage_dir) / "logs"
+    loggers = [CSVLogger(stage_dir, name="logs", version="")]
+    if "tensorboard" in names:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(logs, name="tensorboard", version="", default_hp_metric=False))
+    if "mlflow" in names:
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        loggers.append(MLFlowLogger(experiment_name=run_name, tracking_uri=(logs / "mlruns").as_uri()))
+    if "wandb" in names:
+        from pytorch_lightning.loggers import WandbLogger
+
+        (logs / "wandb").mkdir(parents=True, exist_ok=True)
+        loggers.append(WandbLogger(save_dir=logs / "wandb", offline=True, project="nnopt", name=run_name))
+    return loggers
+
+
+def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, override=None, run_name: str = "stage",
                   **fit_options) -> pl.Trainer:
     """`settings` is the run's TrainerSpec, `override` the training block's own `trainer:`;
     `fit_options` are per-stage (max_epochs, clipping, ...)."""
     settings = settings.with_override(override)
-    callbacks = list(callbacks or [])
+    callbacks = list(callbacks or []) + [spec.build() for spec in settings.callbacks]
     callbacks.append(LearningRateMonitor(logging_interval="step", log_momentum=True))
     if settings.compile:
         callbacks.append(CompiledForward())
@@ -67,7 +102,7 @@ def build_trainer(settings, stage_dir: Path, *, callbacks: list | None = None, o
         sync_batchnorm=settings.sync_batchnorm,
         accumulate_grad_batches=settings.accumulate_grad_batches,
         deterministic=settings.deterministic,
-        logger=CSVLogger(stage_dir, name="logs", version=""),
+        logger=_loggers(settings.loggers, stage_dir, run_name),
         callbacks=callbacks,
         log_every_n_steps=settings.log_every_n_steps,
         # True only lets our ResumePoints (a Checkpoint) in; Lightning adds no ModelCheckpoint of its own then.

@@ -12,6 +12,7 @@ from runner.recipe.base import PositiveInt, Slug, Spec
 from runner.recipe.expect import Expect
 from runner.recipe.locate import dotted
 from runner.recipe.stages import Stage
+from runner.recipe.tracking import CallbackSpec, LoggerName
 from runner.recipe.training import Precision
 
 
@@ -191,6 +192,8 @@ class TrainerSpec(Spec):
     progress_bar: bool = True
     checkpoint: CheckpointSpec | None = CheckpointSpec()  # null: no resume points (a rerun restarts the stage)
     compile: bool = False  # torch.compile the forward pass while training (opt-in: compiling takes tens of seconds)
+    loggers: list[LoggerName] = ["csv"]  # experiment loggers, all offline (runner/recipe/tracking.py); csv is always on
+    callbacks: list[CallbackSpec] = []  # your Lightning callbacks (`import:` with `args`), in every training stage
 
     def with_override(self, override) -> "TrainerSpec":
         """These settings with a training block's own `trainer:` (a TrainerOverride, or None) applied."""

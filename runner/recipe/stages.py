@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 import runner.recipe.metrics as declared
 from runner.recipe import states
 from runner.recipe.base import Fraction, PositiveFloat, PositiveInt, Sparsity, Spec, StageName, tag_values
+from runner.recipe.tracking import Keep
 from runner.recipe.training import (
     Point,
     BatchSizeFinder,
@@ -47,6 +48,7 @@ class Training(Spec):
     trainer: TrainerOverride | None = None
     gradual_pruning: GradualPruning | None = None
     distillation: Distillation | None = None
+    keep: Keep = Keep()  # the weights handed on: `last` epoch, or `best` (with monitor, mode)
 
     runs_on_every_rank: ClassVar[bool] = True  # it trains: under DDP every rank runs it
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT

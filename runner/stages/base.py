@@ -26,8 +26,9 @@ class StageContext:
     artifact: Callable[[str], Path]  # the folder of an earlier stage's finished artifact (its extra files), by name
 
     def build_trainer(self, **options) -> pl.Trainer:
-        """A Trainer writing its logs and resume checkpoints into this context's folder."""
-        return self.trainer(self.folder, **options)
+        """A Trainer writing its logs and resume checkpoints into this context's folder; experiment loggers
+        (MLflow, W&B) name the run after the stage."""
+        return self.trainer(self.folder, run_name=self.name, **options)
 
     def part(self, name: str) -> "StageContext":
         """The context of one fit of a stage that trains several times: its own folder for logs and resume
