@@ -20,9 +20,10 @@ from runner.errors import StageError
 from runner.files import read_json, write_json
 from runner.lightning.trainer import build_trainer
 from runner.lock import run_lock
-from runner.models import build_model
+from runner.models import initial_model
 from runner.outcome import StageOutcome
 from runner.plan import PlannedStage, make_plan
+from runner.provenance import INPUTS
 from runner.report import summary_table, write_reports
 from runner.stages import STAGES, StageContext, StageResult
 from runner.store import Store, keep_setting, store_of
@@ -87,9 +88,9 @@ class _Models:
     stage runs (or asks for it by name), so a fully reused run loads nothing.
     """
 
-    def __init__(self, recipe, ranks: Ranks):
-        self.recipe, self.ranks = recipe, ranks
-        self.current: nn.Module | None = build_model(recipe.model)
+    def __init__(self, recipe, ranks: Ranks, data, console: Console):
+        self.recipe, self.ranks, self.data, self.console = recipe, ranks, data, console
+        self.current: nn.Module | None = None  # the recipe's model, built (with its weights) when the first stage runs
         self.pending: Path | None = None  # the folder the next running stage loads its model from
         self.finished: dict[str, Path] = {}  # stage name -> folder of its committed artifact
 
@@ -102,6 +103,10 @@ class _Models:
         if self.pending is not None:
             loaded = _load_finished(self.pending, name) if self.ranks.is_zero else None
             self.current, self.pending = model_from_zero(self.ranks, self.recipe.model, loaded), None
+        elif self.current is None:
+            self.current, loaded_weights = initial_model(self.recipe.model, self.data)
+            if loaded_weights:
+                self.console.print(loaded_weights)
         return self.current
 
     def load(self, asking: str, name: str) -> nn.Module:
@@ -131,7 +136,7 @@ def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks, st
         torch.set_num_threads(recipe.trainer.threads)
     data = functools.cache(lambda: build_data(recipe.data, recipe.seed))
     pl.seed_everything(recipe.seed, verbose=False)
-    models = _Models(recipe, ranks)
+    models = _Models(recipe, ranks, data, console)
     outcomes: list[StageOutcome] = []
     for step in plan:
         spec = step.spec
@@ -189,6 +194,7 @@ def commit_stage(step: PlannedStage, folder: Path, result: StageResult, model_sp
     since the build began), then commit it: DONE last, into the store, and the numbered folder switched to it."""
     modelio.save_model(result.model, folder, model_spec)
     write_json(folder / artifacts.METRICS, result.metrics)
+    write_json(folder / INPUTS, step.inputs)  # what a later plan compares to say why a stage reruns
     store.commit(step.fingerprint, step.folder)
 
 

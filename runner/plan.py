@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from runner import __version__
 from runner.artifacts import DONE, checkpoint_position, resume_points, stage_dir
 from runner.errors import Issue, RecipeError
+from runner.files import read_json
+from runner.provenance import INPUTS, changes, run_inputs
 from runner.registry import did_you_mean
 from runner.store import Store
 
@@ -27,6 +29,7 @@ class PlannedStage:
     reason: str
     resume: bool = True  # False when a flag asked for this stage: it starts afresh, its checkpoints dropped
     artifact: Path | None = None  # the store's finished artifact of this config, if any
+    inputs: dict = field(default_factory=dict)  # digests of the weights and code the run reads (runner.provenance)
 
     @property
     def reuse(self) -> bool:
@@ -48,12 +51,15 @@ def _stage_index(names: list[str], flag: str, name: str) -> int:
                       did_you_mean(name, names))
 
 
-def fingerprints(recipe) -> list[str]:
+def fingerprints(recipe, inputs: dict | None = None) -> list[str]:
     """Fingerprint of stage k = hash(its config, its position, stage k-1's fingerprint, run-wide settings,
-    nnopt version). Checkpoint intervals are left out: with exact resume they cannot change a result."""
+    the content of the weights and user code the run reads, nnopt version). Checkpoint intervals are left
+    out: with exact resume they cannot change a result; so is the weights' path (moving a project reruns nothing)."""
     shared = recipe.model_dump(mode="json", by_alias=True, include={"seed", "model", "data", "trainer"},
                                exclude={"trainer": {"checkpoint", "loggers"}})
-    upstream = _digest({"run": shared, "version": __version__})
+    shared["model"].pop("weights", None)
+    inputs = run_inputs(recipe) if inputs is None else inputs
+    upstream = _digest({"run": shared, "inputs": inputs, "version": __version__})
     result = []
     for index, spec in enumerate(recipe.stages):
         upstream = _digest({"stage": spec.model_dump(mode="json"), "index": index, "upstream": upstream})
@@ -61,7 +67,16 @@ def fingerprints(recipe) -> list[str]:
     return result
 
 
-def _why_not_reused(folder: Path, building: Path, fingerprint: str) -> str:
+def _what_changed(folder: Path, inputs: dict) -> str:
+    """Why a stage whose numbered folder shows an older finished artifact reruns: the weights or code it read
+    (as that artifact recorded them), else its config."""
+    try:
+        return ", ".join(changes(read_json(folder / INPUTS), inputs)) or "config changed"
+    except (OSError, ValueError):  # an artifact from before inputs were recorded
+        return "config changed"
+
+
+def _why_not_reused(folder: Path, building: Path, fingerprint: str, inputs: dict) -> str:
     points = resume_points(building, fingerprint)
     if points:
         where = []
@@ -71,7 +86,7 @@ def _why_not_reused(folder: Path, building: Path, fingerprint: str) -> str:
             where.append(f"{part}step {position['step']} (epoch {position['epoch']})" if position else part.strip())
         return "unfinished: resumes from its last checkpoint" + (f" at {', '.join(w for w in where if w)}" if any(where) else "")
     if (folder / DONE).is_file():
-        return "config changed"
+        return _what_changed(folder, inputs)
     if not folder.exists() and not building.exists():
         return "new"
     return "unfinished artifact: redone"
@@ -96,7 +111,8 @@ def make_plan(recipe, run_dir: Path, store: Store, *, force: bool = False, start
         raise _flag_error("--only", "give at most one of `--from` and `--only`")
     first_forced = _stage_index(names, "--from", start) if start is not None else None
     only_index = _stage_index(names, "--only", only) if only is not None else None
-    prints = fingerprints(recipe)
+    inputs = run_inputs(recipe)
+    prints = fingerprints(recipe, inputs)
     folders = [stage_dir(run_dir, index, name) for index, name in enumerate(names)]
     for folder in folders:
         store.prepare(folder)
@@ -127,9 +143,9 @@ def make_plan(recipe, run_dir: Path, store: Store, *, force: bool = False, start
         else:
             action = "run"
             reason = ("an earlier stage runs" if not all_reused
-                      else _why_not_reused(folders[index], store.building(prints[index]), prints[index]))
+                      else _why_not_reused(folders[index], store.building(prints[index]), prints[index], inputs))
         all_reused = all_reused and action == "reuse"
         flagged = reason.startswith("--")
         plan.append(PlannedStage(index, spec, folders[index], prints[index], action, reason, resume=not flagged,
-                                 artifact=finished[index]))
+                                 artifact=finished[index], inputs=inputs))
     return plan

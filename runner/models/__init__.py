@@ -3,7 +3,7 @@ weights a run starts from."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -41,12 +41,13 @@ def build_model(spec) -> nn.Module:
     return factory_of(spec)(**spec.args)
 
 
-def initial_model(spec, data) -> tuple[nn.Module, str | None]:
+def initial_model(spec, data: Callable[[], Any]) -> tuple[nn.Module, str | None]:
     """The model the pipeline's first stage starts from, and a line saying which weights it loaded.
 
     The architecture, with `weights:` loaded if given (a stage folder's transforms, such as pruning masks,
-    replayed first so its state dict fits), checked to output one logit per class of `data` (the data
-    contract of runner.data) before anything trains.
+    replayed first so its state dict fits), checked to output one logit per class of `data()` (the data
+    contract of runner.data, built after the model so its initialisation draws the same random numbers)
+    before anything trains.
     """
     model, note = build_model(spec), None
     path = spec.weights_path()
@@ -59,7 +60,7 @@ def initial_model(spec, data) -> tuple[nn.Module, str | None]:
 
                 model = replay(model, weights.transforms)
             note = f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
-        _check_classes(spec, output_classes(model, data.examples("test", 2)[0]), data.num_classes)
+        _check_classes(spec, output_classes(model, data().examples("test", 2)[0]), data().num_classes)
     except WeightsError as error:
         raise RecipeError([spec.issue(error.field, error.message, error.hint)]) from None
     return model, note
