@@ -9,14 +9,14 @@ from runner.registry import did_you_mean
 
 
 def _training_blocks(stage):
-    """The stage itself when it trains, and every training block inside it (a retrain, a finetune)."""
-    from runner.recipe.stages import Training
-
-    if isinstance(stage, Training):
+    """The stage itself when it trains, and every training block inside it (a retrain, a finetune): the specs
+    with a `distillation` field."""
+    if "distillation" in type(stage).model_fields:
         yield (), stage
     for field in type(stage).model_fields:
-        if isinstance(getattr(stage, field), Training):
-            yield (field,), getattr(stage, field)
+        inner = getattr(stage, field)
+        if hasattr(type(inner), "model_fields") and "distillation" in type(inner).model_fields:
+            yield (field,), inner
 
 
 def stage_references(recipe):
