@@ -94,7 +94,7 @@ DATA = {
     "20 classes into 10 outputs": ({"args": {**SYNTHETIC, "num_classes": 20}}, {},
                                    ["the model outputs 10 classes, the data has 20", "num_classes: 20"]),
     "32 inputs into in_features 16": ({}, {"args": {"hidden": [32], "in_features": 16}},
-                                      ["model.args: the model cannot take the data's examples of shape (32,)",
+                                      ["model.args: the model's forward pass fails on a batch of the data's examples (shape (32,))",
                                        "in_features: 32"]),
     "empty val split": ({"args": {**SYNTHETIC, "num_val": 0}}, {}, ["data.args.num_val: the val split is empty"]),
     "empty test split": ({"args": {**SYNTHETIC, "num_test": 0}}, {}, ["the test split is empty"]),

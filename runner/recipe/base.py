@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from runner.recipe import states
+import runner.recipe.states as states
 
 
 class Spec(BaseModel):

@@ -4,9 +4,17 @@ output per class, have the layers the recipe names and leave every pruned layer 
 from __future__ import annotations
 
 import fnmatch
+import os
+import traceback
+from pathlib import Path
 
 import torch
 from torch import nn
+
+# A real (CPU) copy is built only when the meta one cannot tell (a forward pass that fails on meta tensors),
+# and only of a model this small.
+REAL_BUILD_MAX_PARAMETERS = 20_000_000
+
 
 class BuildFailed(Exception):
     pass
@@ -61,7 +69,7 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
         found.error(_model_field(spec), "the model has no parameters to train")
         return
     if facts is not None and facts.shape is not None:
-        _check_input_and_outputs(spec, model, facts, found)
+        _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
     _check_structure(recipe, model, found)
     from runner.recipe.semantics import check_expect_layers
@@ -69,15 +77,32 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     check_expect_layers(recipe, model, found)
 
 
-def _check_input_and_outputs(spec, model: nn.Module, facts, found) -> None:
-    example = torch.empty((2,) + tuple(facts.shape), device="meta")
+def _forward(model: nn.Module, shape: tuple, device: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.zeros((2,) + shape, device=device))
+
+
+def _where(error: Exception) -> str:
+    """The innermost place outside torch that the error passed through: the model's own code."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
+def _check_input_and_outputs(spec, model: nn.Module, parameters: int, facts, found) -> None:
+    shape = tuple(facts.shape)
     try:
-        with torch.no_grad():
-            output = model.eval()(example)
-    except Exception as error:  # shape mismatches surface as RuntimeError from the first layer that cannot take it
-        found.error(_model_field(spec), f"the model cannot take the data's examples of shape {tuple(facts.shape)}: "
-                    f"{_first_line(error)}", "match the model's input to the data (for mlp and lenet_300_100: "
-                    f"`in_features: {_flat(facts.shape)}`)")
+        output = _forward(model, shape, "meta")
+    except Exception:  # a shape mismatch, or code a meta tensor cannot run (`.item()`): try real numbers
+        try:
+            output = _forward(_build(spec, "cpu"), shape, "cpu") if parameters <= REAL_BUILD_MAX_PARAMETERS else None
+        except BuildFailed:
+            return  # the meta build worked; a real one fails only for reasons the run will name
+        except Exception as error:  # the forward pass itself: a shape mismatch, or a bug behind `import:`
+            found.error(_model_field(spec), f"the model's forward pass fails on a batch of the data's examples "
+                        f"(shape {shape}): {type(error).__name__}: {_first_line(error)}{_where(error)}",
+                        f"match the model's input to the data (for mlp and lenet_300_100: `in_features: {_flat(shape)}`)")
+            return
+    if output is None:
         return
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         found.error(_model_field(spec), "the model's output is not a (batch, classes) tensor of logits")
