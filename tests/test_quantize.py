@@ -1,4 +1,4 @@
-"""The quantize stage on MNIST subsets: int8 accuracy, real int8 storage, reload, weight sharing, QAT, errors."""
+"""The quantize stage: int8 accuracy, real int8 storage, reload, weight sharing, QAT, residual networks, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from torch import nn
 from runner.modelio import MODEL_WEIGHTS, load_model, load_packed
 
 from runner.data.mnist import mnist
+from runner.models import MODELS
 from runner.models.mlp import mlp
 from tests.conftest import mnist_recipe, read_metrics
+from tests.residual import residual_recipe
 
 TRAIN = {"name": "train", "kind": "train", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}
 EVALUATE = {"name": "evaluate", "kind": "evaluate", "latency_batch_sizes": [1, 64], "latency_repeats": 3,
@@ -120,31 +122,95 @@ def test_bad_quantize_settings_are_located(nnopt, write_recipe, stage, message):
     assert code == 2 and message in err and "recipe.yaml:" in err
 
 
+def _int8_stage(method: str) -> dict:
+    if method == "static_int8":
+        return {"name": "int8", "kind": "quantize", "method": method, "calibration_batches": 4, "weights": "per_channel"}
+    return {"name": "int8", "kind": "quantize", "method": method, "epochs": 1,
+            "optimizer": {"name": "sgd", "lr": 0.005, "momentum": 0.9},
+            "freeze_observers_after": {"epochs": 0.5}, "freeze_batchnorm_after": {"epochs": 0.5}}
+
+
+def _check_residual_int8(run_dir, recipe: dict, convs: int, additions: int) -> dict:
+    """Every conv runs int8 weights, each residual `+` is quantized::add_relu, the int8 model agrees with the
+    float one on the calibration data, and both reload paths (folder, packed .dcz) give the stage's accuracy."""
+    from torch.ao.nn import quantized as nnq
+
+    from runner.data.synthetic import synthetic
+
+    quant = read_metrics(run_dir, "02-int8")
+    assert quant["val_acc_before"] > 0.5 and quant["val_acc_drop"] <= 0.04  # 4 classes: chance is 0.25
+    model = load_model(run_dir / "02-int8")
+    int8_convs = [m for m in model.modules() if isinstance(m, nnq.Conv2d)]
+    assert len(int8_convs) == convs and all(m.weight().dtype == torch.qint8 for m in int8_convs)
+    assert not [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # nothing left in float
+    nodes = [node.target for node in model.graph.nodes]
+    assert nodes.count(torch.ops.quantized.add_relu) == additions
+
+    data = synthetic(**recipe["data"]["args"])
+    images = data.train[0][:128]  # the calibration batches
+    fp32 = load_model(run_dir / "01-train").eval()
+    with torch.inference_mode():
+        agreement = float((fp32(images).argmax(1) == model(images).argmax(1)).float().mean())
+        assert agreement >= 0.9, agreement
+        assert torch.equal(model(images), load_packed(run_dir / "02-int8" / "model.dcz")(images))
+        val_images, val_labels = data.val
+        assert float((model(val_images).argmax(1) == val_labels).float().mean()) == pytest.approx(quant["val_acc"])
+    return quant
+
+
 @pytest.mark.parametrize("method", ["static_int8", "qat"])
-def test_int8_of_a_residual_network_fails_clearly(nnopt, write_recipe, tmp_path, method):
-    stage = {"name": "q", "kind": "quantize", "method": method}
-    stage.update({"calibration_batches": 1} if method == "static_int8" else
-                 {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}})
-    recipe = {"name": "res", "model": {"name": "resnet20", "args": {"width": 4}},
-              "data": {"name": "synthetic", "batch_size": 8,
-                       "args": {"shape": [3, 8, 8], "num_train": 16, "num_val": 8, "num_test": 8}},
-              "trainer": {"progress_bar": False}, "stages": [stage]}
+def test_int8_of_resnet20_runs_int8_kernels_and_reloads_exactly(nnopt, write_recipe, tmp_path, method):
+    """FX graph mode: the residual additions that the eager path cannot quantize become int8 ops."""
+    recipe = residual_recipe(f"resnet20_{method}", [_int8_stage(method)])
     code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
-    assert code == 1
-    assert f"{method} cannot quantize this model" in err and "aten::add" in err
-    assert not (tmp_path / "res" / "01-q" / "logs").exists()  # QAT failed before any training
+    assert code == 0, err
+    quant = _check_residual_int8(tmp_path / recipe["name"], recipe, convs=21, additions=9)  # 19 + 2 projections
+    if method == "qat":
+        assert quant["observers_frozen_at_step"] == quant["batchnorm_frozen_at_step"] == round(0.5 * quant["steps"])
 
 
-@pytest.mark.parametrize("model", [
-    mlp(hidden=[16], in_features=8, batchnorm=True),  # fused Linear+BatchNorm (LinearBn1d)
-    nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)),
-], ids=["linear_bn", "conv_bn"])
-def test_freezing_batchnorm_stops_its_statistics(model):
+@pytest.mark.slow
+def test_static_int8_of_torchvision_resnet18(nnopt, write_recipe, tmp_path):
+    recipe = residual_recipe("resnet18_int8", [_int8_stage("static_int8")],
+                             model={"torchvision": "resnet18", "args": {"num_classes": 4}}, shape=[3, 32, 32])
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    _check_residual_int8(tmp_path / recipe["name"], recipe, convs=20, additions=8)  # 17 + 3 projections
+
+
+class _BranchesOnValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_check_supported_names_what_stops_int8():
     from runner.compress import int8
 
-    prepared, _ = int8.prepare(model, qat=True, weights="per_tensor")
+    example = torch.randn(4, 3, 16, 16)
+    assert int8.check_supported(MODELS.get("resnet20")(width=4), example, "static_int8") is None
+    assert int8.check_supported(MODELS.get("resnet20")(width=4), example, "qat") is None
+    reason = int8.check_supported(_BranchesOnValues(), torch.randn(4, 8), "static_int8")
+    assert "FX cannot trace the model" in reason and "branches on tensor values" in reason
+    reason = int8.check_supported(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), torch.randn(4, 8), "qat")
+    assert reason == "int8 kernels exist for none of these layers: 1 (LayerNorm)"
+    assert int8.check_supported(_BranchesOnValues(), torch.randn(4, 8), "dynamic_int8") is None
+
+
+@pytest.mark.parametrize("model, shape", [
+    (mlp(hidden=[16], in_features=8, batchnorm=True), [8]),  # fused Linear+BatchNorm (LinearBn1d)
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)), [1, 8, 8]),
+    (MODELS.get("resnet20")(in_channels=1, width=4), [1, 8, 8]),  # FX: ConvBnReLU2d modules in a GraphModule
+], ids=["linear_bn", "conv_bn", "resnet20"])
+def test_freezing_batchnorm_stops_its_statistics(model, shape):
+    from runner.compress import int8
+
+    example = torch.randn(32, *shape)
+    prepared, _ = int8.prepare(model, qat=True, weights="per_tensor", example=example)
     prepared.train()
-    example = torch.randn(32, 8) if isinstance(model[1], nn.Linear) else torch.randn(32, 1, 8, 8)
     prepared(example)
     int8.freeze_batchnorm(prepared)
     before = {k: v.clone() for k, v in prepared.state_dict().items() if "running_mean" in k}

@@ -1,10 +1,18 @@
-"""Int8 quantization on torch.ao's eager path (x86 backend, fbgemm kernels): dynamic, static, QAT, and replay.
+"""Int8 quantization with real fbgemm kernels on CPU (x86 engine): dynamic, static, QAT, and replay.
 
-Why this API: torch 2.13 marks torch.ao.quantization deprecated in favour of torchao and PT2E, but
-torchao is not installed here and PT2E's output is a q/dq graph that is only fast once compiled by
-inductor and reloads only through torch.export archives. The eager path runs real int8 kernels
-without compilation and its state dict (int8 tensors in packed params) loads with
-torch.load(weights_only=True), so quantized models reload through runner.modelio like any other.
+Two ways to capture the model, one qconfig:
+- nn.Sequential chains (the MLPs, LeNets) keep torch.ao's eager path (QuantWrapper, fused neighbours):
+  FX gives LeNet-300-100 bit for bit but moves LeNet-5's and the BatchNorm MLPs' outputs in the last
+  bits (observers sit elsewhere), which would change measured figures for nothing.
+- Any other graph (residual additions: ResNet, MobileNet) goes through FX graph mode
+  (prepare_fx / prepare_qat_fx / convert_fx): `+` becomes quantized::add, and every activation scale
+  is a buffer of the traced module, so its state dict carries every int8 value.
+Both reload from data alone: replay traces and converts a freshly built model the same way, then a
+strict load_state_dict (torch.load(weights_only=True) reads int8 tensors) restores the values.
+
+Why not PT2E: its output is a quantize/dequantize graph around float kernels, only fast once
+compiled by inductor, and it reloads only through torch.export archives. torch 2.13+ marks
+torch.ao.quantization deprecated in favour of torchao, which is not installed here.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ warnings.filterwarnings("ignore", ".*torch.ao.quantization is deprecated.*")
 warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*")
 warnings.filterwarnings("ignore", ".*must run observer before calling calculate_qparams.*")
 warnings.filterwarnings("ignore", ".*TypedStorage is deprecated.*")
+warnings.filterwarnings("ignore", ".*Passing a QConfig to.*|.*QConfigMapping.*deprecated.*")
 
 import torch.ao.nn.intrinsic as nni  # noqa: E402
 import torch.ao.nn.intrinsic.qat as nniqat  # noqa: E402
 import torch.ao.quantization as tq  # noqa: E402
+from torch.ao.quantization import quantize_fx  # noqa: E402
 
 ENGINE = "x86"  # fbgemm kernels with AVX2/AVX512 dispatch
 # 7-bit activations (torch's `reduce_range`): fbgemm's u8*s8 products are summed in int16 pairs,
@@ -121,47 +131,114 @@ def _qconfig(weights: str, observer: str, qat: bool) -> tq.QConfig:
     return tq.QConfig(activation=activation, weight=weight)
 
 
-def prepare(model: nn.Module, *, qat: bool, weights: str, observer: str = "minmax") -> tuple[nn.Module, list]:
-    """A copy of `model` wrapped in quant/dequant stubs, fused, with observers (or fake quantizers) inserted.
+def is_chain(model: nn.Module) -> bool:
+    """True when every module with children is an nn.Sequential: its forward is its children in order,
+    which is all the eager path understands. Anything else (a residual `+`) is traced by FX."""
+    return all(isinstance(module, nn.Sequential) for module in model.modules() if any(True for _ in module.children()))
+
+
+def _graph_mapping(weights: str, observer: str, qat: bool) -> tq.QConfigMapping:
+    """Our qconfig everywhere, except the ops whose int8 output range torch fixes (sigmoid, tanh, softmax)."""
+    defaults = tq.get_default_qat_qconfig_mapping if qat else tq.get_default_qconfig_mapping
+    return defaults(ENGINE).set_global(_qconfig(weights, observer, qat))
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _prepare_graph(model: nn.Module, example_shape: list[int], *, qat: bool, weights: str, observer: str) -> nn.Module:
+    model.train(qat)
+    prepare = quantize_fx.prepare_qat_fx if qat else quantize_fx.prepare_fx
+    try:
+        return prepare(model, _graph_mapping(weights, observer, qat), (torch.zeros(example_shape),))
+    except Exception as err:  # noqa: BLE001 - FX fails in many ways on code it cannot trace; the user needs why
+        raise UnsupportedModel(f"FX cannot trace the model ({type(err).__name__}: {_first_line(err)}); "
+                               "a forward() that branches on tensor values cannot be quantized statically") from None
+
+
+def _prepare_eager(model: nn.Module, *, qat: bool, weights: str, observer: str,
+                   groups: list | None = None) -> tuple[nn.Module, list]:
+    wrapped = tq.QuantWrapper(model)
+    wrapped.train(qat)
+    if groups is None:
+        groups = [["module." + name for name in group] for group in fusable_groups(wrapped.module)]
+    if groups:
+        wrapped = (tq.fuse_modules_qat if qat else tq.fuse_modules)(wrapped, groups)
+    bad = unsupported_layers(wrapped.module)  # after fusion: a BatchNorm1d that followed a Linear is folded away
+    if bad:
+        raise UnsupportedModel("int8 kernels exist for none of these layers: " + ", ".join(bad))
+    wrapped.qconfig = _qconfig(weights, observer, qat)
+    return (tq.prepare_qat if qat else tq.prepare)(wrapped), groups
+
+
+def prepare(model: nn.Module, *, qat: bool, weights: str, observer: str = "minmax",
+            example: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """A copy of `model` fused, with observers (or fake quantizers) inserted, and its layout: how replay
+    rebuilds the same module tree (`groups` fused on the eager path; for FX, the shape of `example`, an
+    input batch that only graphs other than chains need).
 
     For QAT, pruning masks move onto the fake-quantized weights, so the fine-tune keeps the zeros.
     """
     torch.backends.quantized.engine = ENGINE
     masks = {name: pruning.current_mask(model, name) for name in pruning.masked_names(model)}
-    wrapped = tq.QuantWrapper(bake_parametrizations(copy.deepcopy(model)))
-    groups = [["module." + name for name in group] for group in fusable_groups(wrapped.module)]
-    if qat:
-        wrapped.train()
-        if groups:
-            wrapped = tq.fuse_modules_qat(wrapped, groups)
+    baked = bake_parametrizations(copy.deepcopy(model))
+    if is_chain(baked):  # baked: a masked layer's parametrizations are children too
+        prepared, groups = _prepare_eager(baked, qat=qat, weights=weights, observer=observer)
+        layout, prefix = {"groups": groups}, "module."
+    elif example is None:
+        raise ValueError("quantizing a graph other than an nn.Sequential chain traces it: pass an example input")
     else:
-        wrapped.eval()
-        if groups:
-            wrapped = tq.fuse_modules(wrapped, groups)
-    bad = unsupported_layers(wrapped.module)  # after fusion: a BatchNorm1d that followed a Linear is folded away
-    if bad:
-        raise UnsupportedModel("int8 kernels exist for none of these layers: " + ", ".join(bad))
-    wrapped.qconfig = _qconfig(weights, observer, qat)
-    prepared = (tq.prepare_qat if qat else tq.prepare)(wrapped)
+        layout, prefix = {"graph": "fx", "example_shape": [1, *example.shape[1:]]}, ""
+        prepared = _prepare_graph(baked, layout["example_shape"], qat=qat, weights=weights, observer=observer)
     if qat:
         for name, mask in masks.items():  # the pruning masks move onto the fake-quantized layers
             module_name, _, attr = name.rpartition(".")
             keep = pruning.Mask(mask.shape)
             keep.mask.copy_(mask)
-            parametrize.register_parametrization(prepared.get_submodule("module." + module_name), attr, keep)
-    return prepared, groups
+            parametrize.register_parametrization(prepared.get_submodule(prefix + module_name), attr, keep)
+    return prepared, layout
+
+
+def _convert(prepared: nn.Module) -> nn.Module:
+    if isinstance(prepared, torch.fx.GraphModule):
+        return quantize_fx.convert_fx(prepared.eval())
+    return tq.convert(prepared.eval())
+
+
+def float_layers(quantized: nn.Module) -> list[str]:
+    """Conv/Linear layers that kept float weights (FX leaves a layer float when no int8 kernel takes it)."""
+    return [f"{name} ({type(module).__name__})" for name, module in quantized.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d))
+            and module.weight.is_floating_point()]
 
 
 def convert(prepared: nn.Module, example: torch.Tensor) -> nn.Module:
     """Swap observed float modules for int8 ones, then run `example` to prove every op has an int8 kernel."""
-    quantized = tq.convert(bake_parametrizations(copy.deepcopy(prepared)).eval())
+    quantized = _convert(bake_parametrizations(copy.deepcopy(prepared)))
+    left_float = float_layers(quantized)
+    if left_float:
+        raise UnsupportedModel("these layers would keep float weights: " + ", ".join(left_float))
     try:
         with torch.inference_mode():
             quantized(example)
     except (NotImplementedError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise UnsupportedModel(f"the int8 model cannot run its forward pass: {first_line}") from None
+        raise UnsupportedModel(f"the int8 model cannot run its forward pass: {_first_line(err)}") from None
     return quantized
+
+
+def check_supported(model: nn.Module, example: torch.Tensor, method: str) -> str | None:
+    """Why `method` cannot quantize `model`, or None when it can: the whole prepare and convert on a copy
+    with uncalibrated observers (a few forward passes; cheap enough for `validate` on a freshly built model)."""
+    if method not in ("static_int8", "qat"):
+        return None  # dynamic int8 swaps Linear/LSTM layers and leaves every other op in float
+    try:
+        prepared, _ = prepare(model, qat=method == "qat", weights="per_tensor", example=example)
+        convert(prepared, example[:1])
+    except UnsupportedModel as err:
+        return str(err)
+    return None
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:
@@ -175,10 +252,10 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
 
 
 def finish_static(quantized: nn.Module, float_model: nn.Module, *, method: str, weights: str, observer: str,
-                  groups: list) -> nn.Module:
+                  layout: dict) -> nn.Module:
     """Note on the converted model how to rebuild its module tree from the float model."""
     inherit(quantized, float_model)
-    record(quantized, "int8", method=method, weights=weights, observer=observer, groups=groups)
+    record(quantized, "int8", method=method, weights=weights, observer=observer, **layout)
     return quantized
 
 
@@ -200,17 +277,15 @@ def freeze_batchnorm(prepared: nn.Module) -> None:
 
 @TRANSFORMS.register("int8")
 def _replay(model: nn.Module, method: str, weights: str = "per_tensor", observer: str = "minmax",
-            groups: list | None = None) -> nn.Module:
+            groups: list | None = None, graph: str = "eager", example_shape: list[int] | None = None) -> nn.Module:
     """The same module tree, with placeholder scales: load_state_dict then restores every int8 value."""
-    if method == "dynamic_int8":
-        torch.backends.quantized.engine = ENGINE
-        return tq.quantize_dynamic(bake_parametrizations(model).eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
     torch.backends.quantized.engine = ENGINE
+    model = bake_parametrizations(model)
+    if method == "dynamic_int8":
+        return tq.quantize_dynamic(model.eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
     qat = method == "qat"
-    wrapped = tq.QuantWrapper(bake_parametrizations(model))
-    wrapped.train(qat)
-    if groups:
-        wrapped = (tq.fuse_modules_qat if qat else tq.fuse_modules)(wrapped, groups)
-    wrapped.qconfig = _qconfig(weights, observer, qat)
-    prepared = (tq.prepare_qat if qat else tq.prepare)(wrapped)
-    return tq.convert(prepared.eval())
+    if graph == "fx":
+        prepared = _prepare_graph(model, example_shape, qat=qat, weights=weights, observer=observer)
+    else:
+        prepared, _ = _prepare_eager(model, qat=qat, weights=weights, observer=observer, groups=groups or [])
+    return _convert(prepared)

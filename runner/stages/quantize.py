@@ -30,21 +30,22 @@ def _static(spec: StaticInt8, model, ctx: StageContext):
     if spec.calibration_batches > len(batches):
         raise StageError(spec.name, f"calibration_batches is {spec.calibration_batches} but the training data "
                          f"has only {len(batches)} batches", f"set calibration_batches <= {len(batches)}")
-    prepared, groups = int8.prepare(model, qat=False, weights=spec.weights, observer=spec.observer)
+    example = data.examples("test", 2)[0]
+    prepared, layout = int8.prepare(model, qat=False, weights=spec.weights, observer=spec.observer, example=example)
     with torch.inference_mode():
         for index, (x, _) in enumerate(batches):
             if index == spec.calibration_batches:
                 break
             prepared(x)
-    quantized = int8.convert(prepared, data.examples("test", 2)[0])
+    quantized = int8.convert(prepared, example)
     return int8.finish_static(quantized, model, method="static_int8", weights=spec.weights, observer=spec.observer,
-                              groups=groups), {"calibration_examples": spec.calibration_batches * data.batch_size}
+                              layout=layout), {"calibration_examples": spec.calibration_batches * data.batch_size}
 
 
 def _qat(spec: QatInt8, model, ctx: StageContext):
     data = ctx.data()
     example = data.examples("test", 2)[0]
-    prepared, groups = int8.prepare(model, qat=True, weights=spec.weights)
+    prepared, layout = int8.prepare(model, qat=True, weights=spec.weights, example=example)
     int8.convert(prepared, example)  # fail now, before training, if the int8 model cannot run
     freeze = FreezeQuantization(spec.freeze_observers_after, spec.freeze_batchnorm_after)
     module = ClassifierModule(prepared, spec, data.num_classes)
@@ -52,7 +53,7 @@ def _qat(spec: QatInt8, model, ctx: StageContext):
     metrics.update(observers_frozen_at_step=freeze.observers_frozen_at, batchnorm_frozen_at_step=freeze.batchnorm_frozen_at)
     quantized = int8.convert(module.model, example)
     return int8.finish_static(quantized, model, method="qat", weights=spec.weights, observer="minmax",
-                              groups=groups), metrics
+                              layout=layout), metrics
 
 
 def _bits_scan(spec: WeightSharing, model, names: list[str], ctx: StageContext) -> tuple[dict, str]:
@@ -126,8 +127,8 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         quantized, metrics = METHODS[type(spec)](spec, model, ctx)
     except int8.UnsupportedModel as err:
         raise StageError(spec.name, f"{spec.method} cannot quantize this model: {err}",
-                         "dynamic_int8 needs no int8 kernel for other layers; static int8 and QAT need every "
-                         "operation in int8 (a residual `+` in forward() is not)") from None
+                         "dynamic_int8 needs no int8 kernel for other layers; static int8 and QAT trace the "
+                         "model with torch.fx and need an int8 kernel for every Conv and Linear") from None
     after = accuracy(quantized.eval(), val)
     artifact = write_packed(quantized, ctx.model_spec, ctx.folder / PACKED_FILE)
     packed_bytes = len(artifact.data)
