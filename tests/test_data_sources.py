@@ -19,7 +19,7 @@ from runner.data.build import build_data
 from runner.data.make_image_folder import SHAPES, make_image_folder
 from runner.data.streaming import StreamingBatches, augmentation_seed
 from runner.recipe import load_recipe
-from tests.conftest import read_metrics
+from tests.conftest import building_folder, read_metrics
 from tests.test_resume import interrupt_after_checkpoint, timing
 from tests.test_validation import assert_clean_error
 
@@ -258,7 +258,7 @@ def streaming_recipe(root, epochs: int = 2) -> dict:
     recipe = shapes_recipe(root, epochs=epochs, transforms={"train": [{"RandomCrop": {"size": 16, "padding": 2}},
                                                                       "RandomHorizontalFlip"]},
                            loader={"workers": 2})
-    recipe["trainer"]["checkpoint"] = {"every_n_steps": 4}  # 10 batches per epoch
+    recipe["trainer"]["checkpoint"] = {"every_n_steps": 4}  # and at the end of each epoch of 10 batches
     recipe["stages"][0]["schedule"] = {"name": "cosine"}
     return recipe
 
@@ -267,10 +267,10 @@ def test_an_interrupted_streaming_fit_resumes_bit_identical(nnopt, write_recipe,
     path = write_recipe(streaming_recipe(shapes))
     assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
     with monkeypatch.context() as patch:
-        saved = interrupt_after_checkpoint(patch, 3)  # step 12: mid-epoch 1
+        saved = interrupt_after_checkpoint(patch, 4)  # step 12: mid-epoch 1
         assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert saved == [4, 8, 12] and code == 0 and "resumes from its last checkpoint at step 12" in out
+    code, out, err = nnopt("run", path, "-O", tmp_path / "interrupted")
+    assert saved == [4, 8, 10, 12] and code == 0 and "resumes from its last checkpoint at step 12" in out, err
     assert_same_run(tmp_path / "straight" / "shapes", tmp_path / "interrupted" / "shapes")
 
 
@@ -293,7 +293,7 @@ def test_sigkill_of_a_streaming_fit_then_rerun_matches_an_uninterrupted_run(writ
 
     straight = nnopt_process(tmp_path / "straight")
     victim = nnopt_process(tmp_path / "killed")
-    position = tmp_path / "killed" / "shapes" / "01-train" / "checkpoint" / "last.json"
+    position = building_folder(tmp_path / "killed" / "shapes", path) / "checkpoint" / "last.json"
     while victim.poll() is None:
         if position.is_file() and json.loads(position.read_text())["step"] >= 12:  # into the second epoch
             victim.send_signal(signal.SIGKILL)

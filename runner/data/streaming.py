@@ -74,6 +74,16 @@ class StreamingBatches:
     def sampler(self) -> EpochSampler:
         return self._sampler
 
+    # Lightning shuts a loader's workers down through `_iterator` when a fit ends or is interrupted; a
+    # forked worker left alive would hold the run folder's lock (an inherited flock) after the run.
+    @property
+    def _iterator(self):
+        return self.loader._iterator
+
+    @_iterator.setter
+    def _iterator(self, value) -> None:
+        self.loader._iterator = value
+
     def state_dict(self) -> dict:
         return {"epoch": self._sampler.epoch, "served": self._served}
 
