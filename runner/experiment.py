@@ -70,7 +70,7 @@ def run_experiment(recipe, run_dir: Path, console: Console, *, recipe_file: Path
     verdicts = judge(recipe.expect, means, spread)
     if rank_zero_only.rank == 0:  # in a multi-process run the other ranks hold no metrics of stages they skip
         write_seed_report(run_dir, recipe, run_dirs, per_seed, means, spread, verdicts)
-    console.print(seeds_table(recipe.name, recipe.seeds, means, spread))
+    console.print(seeds_table(recipe.name, recipe.seeds, means, spread, recipe.expect))
     if recipe.expect is not None:
         console.print(verdict_table(recipe.expect.source, verdicts, runs=len(recipe.seeds)))
     console.print(f"summary of {len(recipe.seeds)} seeds: {run_dir / 'report.md'}")

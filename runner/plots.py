@@ -97,3 +97,19 @@ def tradeoff(points: list[dict], x_keys: list[str], y_key: str, path: Path, titl
         axes.grid(alpha=0.3)
     figure.suptitle(title)
     return _save(figure, path)
+
+
+def lr_finder_curve(lrs: list[float], losses: list[float], suggestion: float | None, path: Path, title: str) -> Path:
+    """The LR range test: smoothed loss against learning rate (log scale), with the rate it suggested."""
+    figure = _figure(5.0, 3.4)
+    axes = figure.subplots()
+    axes.plot(lrs, losses, marker="o" if len(lrs) < 30 else None, markersize=3)
+    if suggestion is not None:
+        axes.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested {suggestion:.3g}")
+        axes.legend()
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss (smoothed)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    return _save(figure, path)

@@ -142,17 +142,28 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
     return verdicts
 
 
-def _headline_keys(means: dict[str, float]) -> list[str]:
-    """Run-level metrics first, then each stage's headline metrics: what the terminal shows of many seeds."""
-    return [k for k in means if "." not in k] + [k for k in means if k.partition(".")[2] in HEADLINE]
+def seed_order(means: dict[str, float], spread: dict[str, float], expect=None) -> list[str]:
+    """What a reader of many seeds looks for first: the `expect` metrics, then those that vary across seeds,
+    then the constants (std 0: settings and counts that no seed changes)."""
+    expected = [key for key in (expect.metrics if expect is not None else {}) if key in means]
+    rest = [key for key in means if key not in expected]
+    return expected + [k for k in rest if spread[k] > 0] + [k for k in rest if spread[k] == 0]
 
 
-def seeds_table(recipe_name: str, seeds: list[int], means: dict[str, float], spread: dict[str, float]) -> Table:
+def _headline_keys(means: dict[str, float], spread: dict[str, float], expect=None) -> list[str]:
+    """Run-level and each stage's headline metrics, in seed_order: what the terminal shows of many seeds."""
+    expected = set(expect.metrics) if expect is not None else set()
+    return [k for k in seed_order(means, spread, expect)
+            if k in expected or "." not in k or k.partition(".")[2] in HEADLINE]
+
+
+def seeds_table(recipe_name: str, seeds: list[int], means: dict[str, float], spread: dict[str, float],
+                expect=None) -> Table:
     table = Table(title=f"nnopt run: {recipe_name}, seeds {', '.join(map(str, seeds))} (mean ± std)")
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("std", justify="right")
-    for key in _headline_keys(means):
+    for key in _headline_keys(means, spread, expect):
         table.add_row(key, _cell(means[key]), _cell(spread[key]))
     return table
 
@@ -176,9 +187,10 @@ def write_seed_report(run_dir: Path, recipe, run_dirs: list[Path], per_seed: lis
              + ". Std is the sample standard deviation (n - 1).", ""]
     if recipe.expect is not None:
         lines += verdict_lines(recipe.expect.source + ", checked on the mean", verdicts)
-    lines += ["## Metrics", "", "| metric | mean | std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+    lines += ["## Metrics", "", "The `expect` metrics first, then those that vary across seeds, then the constants (std 0).",
+              "", "| metric | mean | std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|---|---|" + "---|" * len(seeds)]
-    for key in means:
+    for key in seed_order(means, spread, recipe.expect):
         lines.append(f"| {key} | {_cell(means[key])} | {_cell(spread[key])} | "
                      + " | ".join(_cell(run[key]) for run in per_seed) + " |")
     write_text(run_dir / "report.md", "\n".join(lines + [""]))

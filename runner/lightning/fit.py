@@ -70,7 +70,7 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     )
     metrics: dict = {}
     with interrupts_reach_us(trainer):
-        _tune(spec, module, data, trainer, metrics, ctx.name)
+        _tune(spec, module, data, trainer, metrics, ctx)
         # After tuning: the tuners start from the stage's initial weights, exactly as the first run did.
         checkpoint = prepare_resume(ctx.folder, module)
         start = time.perf_counter()
@@ -131,7 +131,7 @@ def _quiet_lr_finder_bar():
             lr_finder.tqdm = original
 
 
-def _tune(spec, module: ClassifierModule, data, trainer, metrics: dict, stage: str) -> None:
+def _tune(spec, module: ClassifierModule, data, trainer, metrics: dict, ctx) -> None:
     tuner = Tuner(trainer)
     if spec.batch_size_finder is not None:
         found = spec.batch_size_finder
@@ -142,8 +142,35 @@ def _tune(spec, module: ClassifierModule, data, trainer, metrics: dict, stage: s
         with _quiet_lr_finder_bar():
             finder = tuner.lr_find(module, datamodule=data, min_lr=spec.lr_finder.min_lr,
                                    max_lr=spec.lr_finder.max_lr, num_training=spec.lr_finder.num_steps)
+        if finder is not None:
+            metrics["lr_finder"] = _record_lr_finder(finder, spec.lr_finder.num_steps, ctx)
         if finder is None or finder.suggestion() is None:
-            raise StageError(stage, "the learning-rate finder found no usable learning rate",
+            raise StageError(ctx.name, "the learning-rate finder found no usable learning rate",
                              "widen `lr_finder.min_lr`/`max_lr` or set `optimizer.lr` yourself")
         module.lr = float(finder.suggestion())
         metrics["lr_found"] = module.lr
+
+
+def _record_lr_finder(finder, asked: int, ctx) -> dict:
+    """Save the range test's curve (lr_finder.json, lr_finder.png) and warn when it rests on fewer steps than asked."""
+    from rich.console import Console
+
+    from runner import plots
+    from runner.files import write_json
+
+    lrs, losses = [float(v) for v in finder.results["lr"]], [float(v) for v in finder.results["loss"]]
+    suggestion = finder.suggestion()
+    write_json(ctx.folder / "lr_finder.json", {"lr": lrs, "loss": losses, "suggestion": suggestion, "steps_asked": asked})
+    if plots.missing_notice() is None:
+        plots.lr_finder_curve(lrs, losses, suggestion, ctx.folder / "lr_finder.png", f"{ctx.name}: LR range test")
+    if len(lrs) < asked:
+        # Lightning stops the test when the loss exceeds 4x its best (divergence: expected at high rates);
+        # otherwise the stage's epochs held fewer batches than the test asked for.
+        diverged = min(losses) > 0 and losses[-1] > 4 * min(losses)
+        why = (f"it stopped when the loss diverged at lr {lrs[-1]:.3g}" if diverged else
+               "the stage's epochs hold fewer training batches: raise `epochs`, lower `lr_finder.num_steps` "
+               "or set `optimizer.lr` yourself")
+        Console(stderr=True, highlight=False).print(
+            f"[yellow]warning[/]: stage `{ctx.name}`: the LR finder ran {len(lrs)} of {asked} steps; {why} "
+            "(its curve: lr_finder.png in the stage folder)", soft_wrap=True)
+    return {"steps": len(lrs), "steps_asked": asked}

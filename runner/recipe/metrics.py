@@ -46,6 +46,7 @@ FIT = (
     Metric("resumed", "true when the fit continued from a checkpoint"),
     Metric("rank_digests", "state digest per rank after a multi-process fit"),
     Metric("gradual_pruning.*", "gradual pruning: sparsity reached, per layer and at each pruning step"),
+    Metric("lr_finder.*", "LR finder: steps it ran and steps asked (its curve: lr_finder.json, lr_finder.png)"),
     Metric("kept.*", "keep: best: the epoch whose weights the stage handed on, and its monitored value"),
     Metric("distillation.*", "distillation: the teacher stage, its parameters, the seconds its forward passes "
                              "took and their share of the fit"),
