@@ -42,3 +42,21 @@ def test_columns_follow_what_was_measured():
     assert "test acc" in header and "val acc" in header  # no test_error measured: test_acc shown
     assert "sparsity" not in header and "packed" not in header
     assert "(1 stage)" in lines[0]
+
+
+def test_seed_reports_lead_with_expect_then_varying_metrics():
+    from types import SimpleNamespace
+
+    from runner.report import seed_order, seeds_table
+
+    means = {"evaluate.params_total": 266610.0, "train.epochs": 10.0, "train.val_acc": 0.981, "test_error": 0.0177,
+             "evaluate.test_acc": 0.9823}
+    spread = {"evaluate.params_total": 0.0, "train.epochs": 0.0, "train.val_acc": 0.0011, "test_error": 0.0009,
+              "evaluate.test_acc": 0.0009}
+    expect = SimpleNamespace(metrics={"test_error": object()})
+    assert seed_order(means, spread, expect) == ["test_error", "train.val_acc", "evaluate.test_acc",
+                                                 "evaluate.params_total", "train.epochs"]
+    console = Console(width=160, record=True, file=open("/dev/null", "w"))
+    console.print(seeds_table("r", [0, 1], means, spread, expect))
+    rows = [line.split()[1] for line in console.export_text().splitlines() if line.startswith("│")]
+    assert rows[:3] == ["test_error", "train.val_acc", "evaluate.test_acc"]

@@ -96,11 +96,17 @@ def test_keep_best_state_survives_a_checkpoint_loaded_with_weights_only(tmp_path
     assert torch.equal(other.weight, model.weight)
 
 
-def test_lr_finder_prints_no_foreign_notice_or_bar(write_recipe, tmp_path):
-    recipe = synthetic_recipe(epochs=1, lr_finder={"num_steps": 20})
-    path = write_recipe(recipe)
-    done = subprocess.run([sys.executable, "-m", "runner", "run", str(path), "-O", str(tmp_path / "out")],
+def test_lr_finder_short_of_batches_warns_saves_its_curve_and_prints_nothing_foreign(write_recipe, tmp_path):
+    recipe = synthetic_recipe(epochs=1, lr_finder={"num_steps": 40})
+    recipe["data"]["args"]["num_train"] = 768  # 24 batches of 32: the test asked for 40 steps
+    done = subprocess.run([sys.executable, "-m", "runner", "run", str(write_recipe(recipe)), "-O", str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "weights_only" not in done.stdout + done.stderr
-    assert "Finding best initial lr" not in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert "weights_only" not in output and "Finding best initial lr" not in output  # Lightning's, not ours
+    assert "the LR finder ran 24 of 40 steps" in " ".join(done.stderr.split())
+    stage = tmp_path / "out" / "tiny" / "01-train"
+    curve = json.loads((stage / "lr_finder.json").read_text())
+    assert len(curve["lr"]) == len(curve["loss"]) == 24 and curve["lr"] == sorted(curve["lr"])
+    assert _metrics(tmp_path / "out" / "tiny", "01-train")["lr_finder"] == {"steps": 24, "steps_asked": 40}
+    assert (stage / "lr_finder.png").stat().st_size > 0
