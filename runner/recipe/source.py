@@ -119,7 +119,10 @@ def _file_issue(file: str, message: str, hint: str | None = None, mark=None) -> 
 
 def _parse(text: str, file: str, empty: RecipeError | None) -> tuple[Any, yaml.Node | None]:
     """YAML text as data and its root node, with the same limits for a file and for an `-o` value."""
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)
+    except yaml.YAMLError as err:  # the reader refuses control characters before parsing starts
+        raise _file_issue(file, f"cannot read YAML: {err}") from None
     try:
         node = loader.get_single_node()
         if node is None:
