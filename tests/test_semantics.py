@@ -137,6 +137,9 @@ def number():
 
 def no_parameters():
     return torch.nn.Flatten()
+
+def layer_norm():
+    return torch.nn.Sequential(torch.nn.Linear(32, 10), torch.nn.LayerNorm(10))
 """
 
 
@@ -153,6 +156,16 @@ def test_validate_runs_user_code_only_when_asked(nnopt, write_recipe, tmp_path):
     refused(nnopt, write_recipe, recipe, "the factory returned a int, not a torch.nn.Module", args=("--build-model",))
     recipe["model"]["import"] = "user_models:no_parameters"
     refused(nnopt, write_recipe, recipe, "the model has no parameters to train", args=("--build-model",))
+
+
+def test_static_int8_needs_int8_kernels_for_every_layer(nnopt, write_recipe, tmp_path):
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    recipe = recipe_with({"name": "q", "kind": "quantize", "method": "static_int8", "calibration_batches": 2},
+                         model={"import": "user_models:layer_norm"})
+    recipe["model"].pop("name"), recipe["model"].pop("args")
+    refused(nnopt, write_recipe, recipe, "stages[1].method: static_int8 cannot quantize this model: int8 kernels "
+            "exist for none of these layers: 1 (LayerNorm)", args=("--build-model",))
+    accepted(nnopt, write_recipe, recipe | {"stages": recipe["stages"][:1] + [QUANTIZE]}, args=("--build-model",))
 
 
 def test_run_checks_the_factory_before_any_stage(nnopt, write_recipe, tmp_path):

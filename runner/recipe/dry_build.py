@@ -1,18 +1,19 @@
 """The model built without its weights (torch's meta device) at `validate`: does it take the data's input, give one
-output per class, have the layers the recipe names and leave every pruned layer some weights."""
+output per class, have the layers the recipe names, leave every pruned layer some weights, and fit its quantizer."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-# A real (CPU) copy is built only when the meta one cannot tell (a forward pass that fails on meta tensors),
-# and only of a model this small.
+# A real (CPU) copy is built only when the meta one cannot tell (the int8 probe; a forward pass that fails on
+# meta tensors), and only of a model this small.
 REAL_BUILD_MAX_PARAMETERS = 20_000_000
 
 
@@ -75,6 +76,8 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     from runner.recipe.semantics import check_expect_layers
 
     check_expect_layers(recipe, model, found)
+    if facts is not None and facts.shape is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
+        _check_int8(recipe, facts, found)
 
 
 def _forward(model: nn.Module, shape: tuple, device: str) -> torch.Tensor:
@@ -201,3 +204,25 @@ def _check_structure(recipe, model: nn.Module, found) -> None:
                             "neurons are removed only in sequential chains of Linear/Conv, BatchNorm, activations, "
                             "pooling and flatten (residual connections are not supported); use `granularity: weights`")
             return
+
+
+def _check_int8(recipe, facts, found) -> None:
+    """Static int8 and QAT trace the model and need an int8 kernel for every layer: probed on a real copy."""
+    from runner.compress import int8
+
+    stages = [(i, stage) for i, stage in enumerate(recipe.stages) if getattr(stage, "method", None) in ("static_int8", "qat")]
+    if not stages:
+        return
+    try:
+        model = _build(recipe.model, "cpu").eval()
+    except BuildFailed:
+        return  # reported by the meta build
+    example = torch.zeros((2,) + tuple(facts.shape))
+    for i, stage in stages:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # uncalibrated observers and torch's deprecations say so at length
+            problem = int8.check_supported(model, example, stage.method)
+        if problem:
+            found.error(("stages", i, "method"), f"{stage.method} cannot quantize this model: {problem}",
+                        "static int8 and QAT trace the model with torch.fx and need an int8 kernel for every Conv "
+                        "and Linear; dynamic_int8 quantizes only Linear layers and runs the rest in float")
