@@ -79,13 +79,13 @@ def plan_points(path: str, overrides: list[str], axes: list[str], output_root: P
     grid = parse_axes(str(path), axes)
     base = validate_source(apply_overrides(read_source(path), overrides))
     sweep_dir = Path(output_root) / base.name / "sweep"
-    claim(sweep_dir.parent, Path(path))
     points = []
     for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
         point_overrides = [f"{key}={value}" for (key, _), value in zip(grid, combo)]
         recipe = validate_source(apply_overrides(read_source(path), overrides + point_overrides))
         label = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(grid, combo))
         points.append(Point(label, point_overrides, recipe, sweep_dir / _folder_name(index, label)))
+    claim(sweep_dir.parent, Path(path))  # once every point is valid: a refused sweep writes nothing
     return sweep_dir, points
 
 
