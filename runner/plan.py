@@ -54,9 +54,10 @@ def _stage_index(names: list[str], flag: str, name: str) -> int:
 def fingerprints(recipe, inputs: dict | None = None) -> list[str]:
     """Fingerprint of stage k = hash(its config, its position, stage k-1's fingerprint, run-wide settings,
     the content of the weights and user code the run reads, nnopt version). Checkpoint intervals are left
-    out: with exact resume they cannot change a result; so is the weights' path (moving a project reruns nothing)."""
+    out: with exact resume they cannot change a result; so is the weights' path (moving a project reruns nothing)
+    and are the data loader settings (each example's augmentation is seeded by the example, not the worker)."""
     shared = recipe.model_dump(mode="json", by_alias=True, include={"seed", "model", "data", "trainer"},
-                               exclude={"trainer": {"checkpoint", "loggers"}})
+                               exclude={"trainer": {"checkpoint", "loggers"}, "data": {"loader"}})
     shared["model"].pop("weights", None)
     inputs = run_inputs(recipe) if inputs is None else inputs
     upstream = _digest({"run": shared, "inputs": inputs, "version": __version__})
