@@ -113,3 +113,19 @@ def lr_finder_curve(lrs: list[float], losses: list[float], suggestion: float | N
     axes.set_title(title)
     axes.grid(alpha=0.3)
     return _save(figure, path)
+
+
+def widths(before: dict[str, int], after: dict[str, int], path: Path, title: str) -> Path:
+    """Neurons or channels per layer before and after structured pruning, side by side."""
+    figure = _figure(max(4.0, 1.1 * len(before) + 2), 3.2)
+    axes = figure.subplots()
+    names = list(before)
+    positions = range(len(names))
+    axes.bar([p - 0.2 for p in positions], [before[n] for n in names], width=0.4, label="before", color="tab:gray")
+    axes.bar([p + 0.2 for p in positions], [after.get(n, 0) for n in names], width=0.4, label="after", color="tab:blue")
+    axes.set_xticks(list(positions), names, rotation=30, ha="right")
+    axes.set_ylabel("neurons / channels")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(axis="y", alpha=0.3)
+    return _save(figure, path)

@@ -57,9 +57,37 @@ def _plots(run_dir: Path, outcomes: list[StageOutcome], layers: dict[str, dict])
             drawn.append(plots.training_curves(log, run_dir / "plots" / f"{Path(o.folder).name}-curves.png",
                                                f"{o.name} ({o.kind})"))
     for key, label in (("layer_sparsity", "sparsity"), ("layer_bits", "bits")):
-        if layers[key]:
+        # a dense or slimmed model has no zeros to show: an all-zero sparsity plot says nothing
+        if any(layers[key].values()):
             drawn.append(plots.layer_bars(layers[key], run_dir / "plots" / f"{key}.png", f"{label} per layer", label))
+    slimmed = _slimmed(outcomes)
+    if slimmed is not None:
+        drawn.append(plots.widths(slimmed.metrics["widths_before"], slimmed.metrics["widths_after"],
+                                  run_dir / "plots" / "widths.png", f"{slimmed.name}: neurons per layer"))
     return [str(path.relative_to(run_dir)) for path in drawn if path is not None], None
+
+
+def _slimmed(outcomes: list[StageOutcome]) -> StageOutcome | None:
+    """The last stage that removed neurons (structured pruning), if any."""
+    return next((o for o in reversed(outcomes) if isinstance(o.metrics.get("widths_after"), dict)), None)
+
+
+def _structure_lines(outcomes: list[StageOutcome]) -> list[str]:
+    """Widths before and after structured pruning, and the parameters it removed: the model is smaller,
+    not sparser, so the sparsity columns alone would say nothing happened."""
+    slimmed = _slimmed(outcomes)
+    if slimmed is None:
+        return []
+    before, after = slimmed.metrics["widths_before"], slimmed.metrics["widths_after"]
+    lines = [f"## Structure (`{slimmed.name}` removed neurons)", "", "| layer | before | after | removed |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {before[name]} | {after.get(name, 0)} | {1 - after.get(name, 0) / before[name]:.1%} |"
+              for name in before]
+    total_before, total_after = slimmed.metrics.get("params_total_before"), slimmed.metrics.get("params_total")
+    if total_before and total_after:
+        lines += ["", f"Parameters: {total_before:,} -> {total_after:,} ({total_after / total_before:.1%} of the model "
+                      f"before; {total_before - total_after:,} removed)."]
+    return lines + [""]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -126,6 +154,7 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
     lines.append("")
     if recipe.expect is not None:
         lines += verdict_lines(recipe.expect.source, verdicts)
+    lines += _structure_lines(outcomes)
     if layers["layer_sparsity"] or layers["layer_bits"]:
         names = list(dict.fromkeys([*layers["layer_sparsity"], *layers["layer_bits"]]))
         lines += ["## Layers (final model)", "", "| layer | sparsity | kept | bits |", "|---|---|---|---|"]
