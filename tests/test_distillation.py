@@ -142,9 +142,7 @@ def test_a_distilled_fit_resumes_exactly_after_an_interruption(nnopt, write_reci
 
 @pytest.mark.slow
 def test_a_distilled_fit_killed_with_sigkill_resumes_exactly(write_recipe, tmp_path, straight):
-    recipe = _distilled_recipe()
-    recipe["trainer"]["threads"] = 1
-    path = write_recipe(recipe)
+    path = write_recipe(_distilled_recipe())  # as the straight run, thread count included (sums round by it)
     victim = nnopt_process(path, tmp_path)
     position = building_folder(tmp_path / "tiny", path, index=2) / "checkpoint" / "last.json"
     while victim.poll() is None:
@@ -176,7 +174,7 @@ def test_a_missing_teacher_stage_is_a_located_validate_error(nnopt, write_recipe
     path = write_recipe(recipe)
     code, _, err = nnopt("validate", path)
     assert code == 2
-    flat = err.replace("\n", " ")
+    flat = " ".join(err.split())
     assert message in flat and f"{path.name}:" in flat
     if teacher == "trian":
         assert "did you mean `train`" in flat
