@@ -73,6 +73,29 @@ def test_torchvision_resnet18_builds_trains_and_reloads(nnopt, write_recipe, tmp
     assert reloaded.bn1.num_batches_tracked.item() == 2  # two training steps ran on it
 
 
+def test_timm_models_build_and_train_and_need_the_extra(nnopt, write_recipe, tmp_path, monkeypatch):
+    recipe = synthetic_recipe(epochs=1)
+    recipe["model"] = {"timm": "test_resnet", "args": {"num_classes": 4}}
+    recipe["data"] = {"name": "synthetic", "batch_size": 16,
+                      "args": {"shape": [3, 16, 16], "num_classes": 4, "num_train": 32, "num_val": 16, "num_test": 16}}
+    recipe["stages"] = recipe["stages"][:1]
+    path = write_recipe(recipe)
+    code, _, err = nnopt("run", path, "-O", tmp_path / "out")
+    assert code == 0, err
+    assert load_model(tmp_path / "out" / "tiny" / "01-train").get_classifier().out_features == 4
+
+    recipe["model"]["args"]["pretrained"] = True
+    code, _, err = nnopt("validate", write_recipe(recipe))
+    assert_clean_error(code, err, "model.args.pretrained: `pretrained` asks timm for pretrained weights")
+
+    import runner.models.hub as hub
+
+    real_find_spec = hub.importlib.util.find_spec
+    monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: None if name == "timm" else real_find_spec(name))
+    code, _, err = nnopt("validate", path)
+    assert_clean_error(code, err, "model.timm: `timm` is not installed", "pip install 'nnopt[timm]'")
+
+
 def _lightning_checkpoint(model: nn.Module, path) -> None:
     """A real Lightning checkpoint of a LightningModule holding the network as `net` (so keys read `net.*`)."""
 
