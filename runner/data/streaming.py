@@ -118,12 +118,13 @@ class Split(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         position, draw = key
         image, label = self.base[self.indices[position]]
-        if self.transform is not None:
-            # fork_rng: with workers: 0 this runs in the training process, whose generator must not move.
-            # torch.manual_seed would also queue a CUDA seeding with its stack trace: 5 ms an example.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(draw)
-                image = self.transform(image)
+        # fork_rng: with workers: 0 this runs in the training process, whose generator must not move.
+        # torch.manual_seed would also queue a CUDA seeding with its stack trace: 5 ms an example.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(draw)
+            image = self.transform(image)
+        if isinstance(image, torch.Tensor):  # a plain tensor, not torchvision's Image subclass, reaches the model
+            image = image.as_subclass(torch.Tensor)
         return image, int(label)
 
 
@@ -154,16 +155,13 @@ class StreamingData(pl.LightningDataModule):
         self.seed = seed
         self.loader = loader
         train_transform, eval_transform = transforms
-        self._train = None
         self._eval = {}
         for name in SPLITS:
             base = getattr(splits, name)
             if len(base) == 0:
                 raise DataUnavailable(f"the {name} split is empty")
-            order = fixed_order(len(base), getattr(limit, name), seed)
-            self._eval[name] = Split(base, order, eval_transform)
-            if name == "train":
-                self._train = Split(base, order, train_transform)
+            self._eval[name] = Split(base, fixed_order(len(base), getattr(limit, name), seed), eval_transform)
+        self._train = Split(splits.train, self._eval["train"].indices, train_transform)
         self._input_shape: tuple[int, ...] | None = None
 
     @property
@@ -219,4 +217,4 @@ def _stack(images, split: str) -> torch.Tensor:
         raise DataUnavailable(f"the {split} split's examples differ in shape ({', '.join(map(str, sorted(shapes)[:4]))})",
                               "add `{Resize: {size: [H, W]}}` (or CenterCrop) to `data.transforms` so every example "
                               "has one shape")
-    return torch.stack([torch.Tensor(image) if type(image) is not torch.Tensor else image for image in images])
+    return torch.stack(images)
