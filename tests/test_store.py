@@ -288,7 +288,8 @@ def test_a_same_name_recipe_from_another_file_is_refused_and_force_takes_over(nn
     assert nnopt("sweep", first, "-O", out_dir, "-s", "stages.train.epochs=1")[0] == 1
 
 
-def test_seeds_and_sweep_points_share_one_store(nnopt, write_recipe, tmp_path):
+@pytest.mark.slow
+def test_sweep_points_and_a_plain_run_share_one_store(nnopt, write_recipe, tmp_path):
     recipe = synthetic_recipe(epochs=1)
     recipe["stages"].insert(1, {"name": "prune", "kind": "prune", "sparsity": 0.5})
     path, out_dir = write_recipe(recipe), tmp_path / "out"
