@@ -13,11 +13,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's model inside torch.ao's QuantWrapper (eager int8), so layer names stay `fc1.weight` across
+    stages instead of becoming `module.fc1.weight` once quantized."""
+    from torch.ao.quantization import QuantWrapper
+
+    return model.module if isinstance(model, QuantWrapper) else model
+
+
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as the forward pass sees it (masks and other parametrizations applied), by its
     plain name (`fc1.weight`, never `fc1.parametrizations.weight.original`); differentiable."""
     out = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrapped(model).named_modules():
         if "parametrizations" in module_name.split("."):
             continue  # the stored `original`s: reported through their owner's parametrized name
         names = [name for name, _ in module.named_parameters(recurse=False)]
@@ -50,7 +58,21 @@ def parameter_stats(model: nn.Module) -> dict:
         "compression_rate": round(total / nonzero, 3) if nonzero else None,
         "layer_sparsity": {name: round(1 - int(torch.count_nonzero(w)) / w.numel(), 6)
                            for name, w in weights.items() if name.endswith("weight")},
+        **({"layer_bits": bits} if (bits := layer_bits(model)) else {}),
     }
+
+
+def layer_bits(model: nn.Module) -> dict[str, int]:
+    """Bits per stored weight of every weight layer when some are held as integers (int8 modules: 8, the
+    float ones left: 32); empty for a float model, whose every weight is fp32."""
+    bits = {}
+    for module_name, module in unwrapped(model).named_modules():
+        weight = getattr(module, "weight", None)
+        if inspect.ismethod(weight):  # an int8 layer packs its weight; weight() unpacks it as a quantized tensor
+            bits[f"{module_name}.weight"] = weight().element_size() * 8
+        elif isinstance(weight, torch.Tensor) and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            bits[f"{module_name}.weight"] = weight.element_size() * 8
+    return bits if any(b < 32 for b in bits.values()) else {}
 
 
 def serialized_bytes(model: nn.Module) -> int:

@@ -24,3 +24,21 @@ def test_structured_pruning_report_shows_widths_and_no_empty_sparsity_plot(nnopt
     if drawn:  # matplotlib installed
         assert "plots/widths.png" in drawn and "plots/layer_sparsity.png" not in drawn
         assert (run_dir / "plots" / "widths.png").stat().st_size > 0
+
+
+def test_int8_report_shows_bits_per_layer_under_stable_names(nnopt, write_recipe, tmp_path):
+    recipe = synthetic_recipe(epochs=1)
+    recipe["stages"][1:1] = [{"name": "prune", "kind": "prune", "sparsity": 0.5},
+                             {"name": "quantize", "kind": "quantize", "method": "static_int8", "calibration_batches": 4}]
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    run_dir = tmp_path / "tiny"
+    report = (run_dir / "report.md").read_text()
+    # the same layer names as before quantization (not `module.fc1.weight`), with 8 bits and the pruned half
+    assert "| fc1.weight | 0.5 | 0.5 | 8 |" in report and "| fc2.weight | 0.5 | 0.5 | 8 |" in report
+    pruned = json.loads((run_dir / "02-prune" / "metrics.json").read_text())
+    evaluated = json.loads((run_dir / "04-evaluate" / "metrics.json").read_text())
+    assert set(evaluated["layer_sparsity"]) == set(pruned["layer_sparsity_after"]) == {"fc1.weight", "fc2.weight"}
+    drawn = json.loads((run_dir / "report.json").read_text())["plots"]
+    if drawn:
+        assert "plots/layer_bits.png" in drawn

@@ -58,6 +58,7 @@ PARAMETERS = (
     Metric("sparsity", "fraction of parameters that are zero", "fraction"),
     Metric("compression_rate", "params_total / params_nonzero", "x"),
     Metric("layer_sparsity.*", "fraction of zeros per prunable weight", "fraction"),
+    Metric("layer_bits.*", "bits per stored weight, when some layers are integer (int8: 8; float layers: 32)", "bits"),
 )
 
 SIZE = (
