@@ -243,6 +243,16 @@ def check_reached(stage: str, model, targets: dict[str, float], scope: str, tole
                              "the schedule must finish inside the stage (check `end` and early stopping)")
 
 
+def check_not_emptied(stage: str, model, names: list[str]) -> None:
+    """A pruned layer left without a single weight cuts the network in two: it can then only guess."""
+    _, layers = sparsity_of(model, names)
+    emptied = [name for name in names if layers[name] >= 1.0]
+    if emptied:
+        raise StageError(stage, f"pruning left {', '.join(f'`{n}`' for n in emptied)} without any weight: the network "
+                         "is cut and its output no longer depends on its input",
+                         "lower the target for that layer, or set `allow_empty_layers: true` if you mean it")
+
+
 @torch.no_grad()
 def rewind_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Set parameters to earlier values (lottery-ticket rewinding); masked entries stay exactly zero."""

@@ -43,9 +43,10 @@ def test_agp_formula_at_its_ends():
 
 
 def test_window_outside_the_stage_fails_loudly(nnopt, write_recipe, tmp_path):
+    """The data's size is known from the recipe, so `validate` resolves the window before anything trains."""
     recipe = synthetic_recipe(gradual_pruning={**AGP, "end": {"steps": 48}})  # after the last step (47)
-    _, err = run(nnopt, write_recipe, tmp_path, recipe, expect=1)
-    assert "window (steps 4 to 48) must lie inside the stage's 48 steps" in err
+    _, err = run(nnopt, write_recipe, tmp_path, recipe, expect=2)
+    assert "the gradual pruning window ends at step 48, not inside the stage (the stage has 48 steps" in err
 
 
 def test_schedule_cut_short_by_early_stopping_fails(nnopt, write_recipe, tmp_path):
@@ -78,8 +79,9 @@ def test_checkpoint_of_a_masked_model_loads_into_a_fresh_module(nnopt, write_rec
     ({**AGP, "end": {"steps": 10, "epochs": 1}}, "exactly one of `epochs`, `steps` or `fraction`"),
     ({**AGP, "initial_sparsity": 0.9}, "must be at least `initial_sparsity`"),
     ({**AGP, "sparsity": {"fc7": 0.5}}, "`fc7` matches no prunable layer"),
-    ({**AGP, "end": {"epochs": 3}}, "ends at epochs 3, not inside the stage's 3"),
-    ({**AGP, "start": {"epochs": 2.5}}, "starts at epochs 2.5, not before its end 2"),
+    ({**AGP, "end": {"epochs": 3}}, "gradual_pruning.end: the gradual pruning window ends at step 48, not inside"),
+    ({**AGP, "start": {"epochs": 2.5}}, "gradual_pruning.start: the gradual pruning window starts at step 40, not "
+                                        "before its end (step 32)"),
 ])
 def test_bad_gradual_specs_are_located_errors(nnopt, write_recipe, agp, message):
     code, _, err = nnopt("validate", write_recipe(synthetic_recipe(gradual_pruning=agp)))

@@ -117,10 +117,11 @@ def test_data_and_model_that_do_not_fit(nnopt, write_recipe, case):
     refused(nnopt, write_recipe, recipe, *fragments)
 
 
-def test_neuron_pruning_needs_a_chain(nnopt, write_recipe):
-    recipe = recipe_with({"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": {"layer1*": 0.5}},
-                         model={"name": "resnet20", "args": {}})
-    recipe["data"]["args"]["shape"] = [3, 8, 8]
+def test_neuron_pruning_needs_a_graph_it_can_follow(nnopt, write_recipe):
+    # ShuffleNet's channel shuffle (view, transpose) defeats Torch-Pruning's trace; ResNets are followed
+    recipe = recipe_with({"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.5})
+    recipe["model"] = {"torchvision": "shufflenet_v2_x0_5", "args": {"num_classes": 10}}
+    recipe["data"]["args"]["shape"] = [3, 32, 32]
     refused(nnopt, write_recipe, recipe, "stages[1].granularity: structured pruning cannot follow this model")
 
 
@@ -222,6 +223,14 @@ def test_schedules_that_cannot_do_what_they_say(nnopt, write_recipe, case):
     recipe["stages"][0].update(fields)
     recipe["stages"][0] = {k: v for k, v in recipe["stages"][0].items() if v is not None}
     refused(nnopt, write_recipe, recipe, *fragments)
+
+
+def test_a_gradual_window_is_checked_in_its_own_unit_when_the_data_size_is_unknown(nnopt, write_recipe, tmp_path):
+    (tmp_path / "user_data.py").write_text("def splits():\n    raise RuntimeError('never called by validate')\n")
+    recipe = recipe_with(train={"gradual_pruning": {"sparsity": 0.5, "end": {"epochs": 3}, "every": {"steps": 5}}})
+    recipe["data"] = {"import": "user_data:splits", "batch_size": 32}
+    refused(nnopt, write_recipe, recipe, "gradual_pruning.end.epochs: the gradual pruning window ends at epochs 3, "
+            "not inside the stage's 3")
 
 
 WINDOWS = {
@@ -396,3 +405,51 @@ def test_iterative_rounds_that_leave_nothing_are_refused(nnopt, write_recipe):
     rounds = {"name": "ip", "kind": "iterative_prune", "rounds": 12, "fraction": 0.6,
               "retrain": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}}
     refused(nnopt, write_recipe, recipe_with(rounds), "`fc2.weight` would keep none of its 320 weights after 12 rounds")
+
+
+def test_pruning_a_layer_to_nothing_in_a_global_ranking_fails_the_stage(nnopt, write_recipe, tmp_path):
+    prune = {"name": "prune", "kind": "prune", "scope": "global", "sparsity": 0.9999}
+    code, _, err = nnopt("run", write_recipe(recipe_with(prune)), "-O", tmp_path / "out")
+    err = " ".join(err.split())
+    assert code == 1 and "stage `prune` failed: pruning left `fc1.weight`, `fc2.weight` without any weight" in err
+    assert not (tmp_path / "out" / "tiny" / "02-prune" / "DONE").exists()
+    code, _, err = nnopt("run", write_recipe(recipe_with(prune | {"allow_empty_layers": True})), "-O", tmp_path / "out")
+    assert code == 0, err
+
+
+# ---- checks on every path: a stage that failed a check is never DONE on a rerun ----------------------
+
+GRADUAL = {"sparsity": 0.6, "end": {"epochs": 1.5}, "every": {"steps": 4}}
+
+
+def test_a_missed_gradual_target_fails_also_when_resuming_a_finished_fit(nnopt, write_recipe, tmp_path, monkeypatch):
+    from runner.lightning import fit, gradual
+
+    path, out = write_recipe(recipe_with(train={"epochs": 2, "gradual_pruning": GRADUAL})), tmp_path / "out"
+    done = out / "tiny" / "01-train" / "DONE"
+    # A pruner that reaches only half its targets, and a process that dies right after its fit, before the
+    # check could discard the fit's checkpoint: the rerun finds a fit that is already over.
+    targets_at = gradual.GradualPruning.targets_at
+    monkeypatch.setattr(gradual.GradualPruning, "targets_at",
+                        lambda self, step: {name: t / 2 for name, t in targets_at(self, step).items()})
+    monkeypatch.setattr(fit, "forget_resume_point", lambda folder: None)
+    code, _, err = nnopt("run", path, "-O", out)
+    assert code == 1 and "instead of the target 0.6000" in err and not done.exists()
+    monkeypatch.undo()
+    code, text, err = nnopt("run", path, "-O", out)  # Lightning runs no hook for it: the check still does
+    assert "resumes from its last checkpoint" in text
+    assert code == 1 and "instead of the target 0.6000" in err and not done.exists()
+    code, text, err = nnopt("run", path, "-O", out)  # the failed fit was discarded: trained again, and right
+    assert code == 0 and "resumes" not in text and done.exists(), err
+
+
+def test_early_stopping_before_the_gradual_end_fails_on_every_rerun(nnopt, write_recipe, tmp_path):
+    # val_loss never improves by 10, so training stops after the second epoch (step 32), before the window's end.
+    train = {"epochs": 4, "gradual_pruning": GRADUAL | {"end": {"epochs": 3.5}},
+             "early_stopping": {"patience": 1, "min_delta": 10}}
+    path, out = write_recipe(recipe_with(train=train)), tmp_path / "out"
+    for attempt in range(2):
+        code, text, err = nnopt("run", path, "-O", out)
+        assert code == 1 and "training stopped at step 32, before gradual pruning reached its final sparsity" in err
+        assert "resumes" not in text, f"attempt {attempt} resumed the early-stopped fit"
+        assert not (out / "tiny" / "01-train" / "DONE").exists()

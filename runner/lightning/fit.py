@@ -7,11 +7,13 @@ import functools
 import signal
 import threading
 import time
+from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.tuner import Tuner
 
+from runner.artifacts import CHECKPOINTS, LAST_CHECKPOINT
 from runner.errors import StageError
 from runner.lightning.gradual import GradualPruning
 from runner.lightning.keep import KeepBest
@@ -86,6 +88,15 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     if trainer.interrupted:
         raise KeyboardInterrupt
     module.model = fitted_model(trainer, module, ctx.model_spec)
+    if gradual is not None:
+        try:
+            gradual.check_finished(trainer.global_step, module.model)
+        except StageError:
+            # A rerun must train again and fail the same way: resuming this finished fit would skip the check
+            # (Lightning runs no hooks for a fit that is over), and resuming an early-stopped one would train
+            # one more epoch per rerun until a check happened to pass.
+            forget_resume_point(ctx.folder)
+            raise
     if keeper is not None:
         metrics["kept"] = keeper.restore(module.model)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -103,6 +114,10 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     if teacher is not None:
         metrics["distillation"] = teacher.cost(wall)
     return metrics
+
+
+def forget_resume_point(stage_dir: Path) -> None:
+    (Path(stage_dir) / CHECKPOINTS / LAST_CHECKPOINT).unlink(missing_ok=True)
 
 
 def _keeper(spec, ctx) -> KeepBest | None:

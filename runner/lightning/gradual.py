@@ -24,7 +24,9 @@ def agp_sparsity(step: int, start: int, end: int, initial: float, final: float) 
 
 class GradualPruning(Callback):
     """Prunes the module's model at steps start, start+every, ..., end (end always included), each time to
-    the cubic schedule's sparsity; checks at the end of the stage that the final target was reached.
+    the cubic schedule's sparsity; `check_finished` says whether the final target was reached. The fit calls it
+    after every fit, including one resumed from the checkpoint of a fit that was already over, where Lightning
+    runs no training hooks at all.
 
     The masks are parametrizations inside the model, so Lightning checkpoints hold them; this
     callback's own state is which steps it has pruned at and its random generator.
@@ -43,9 +45,9 @@ class GradualPruning(Callback):
         # Masks must exist before the optimizer is built: it then holds the parametrized originals.
         self.finals = pruning.resolve_targets(self.stage, pl_module.model, self.spec.sparsity, self.spec.params)
         pruning.add_masks(pl_module.model, list(self.finals))
+        self.events = self._events(trainer)
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _events(self, trainer: pl.Trainer) -> list[int]:
         steps_per_epoch, total = stage_length(trainer)
         start, end, every = (to_steps(m, steps_per_epoch, total)
                              for m in (self.spec.start, self.spec.end, self.spec.every))
@@ -55,7 +57,7 @@ class GradualPruning(Callback):
                              "move `gradual_pruning.start`/`end` (the last prune happens at `end`)")
         if every < 1:
             raise StageError(self.stage, "`gradual_pruning.every` is shorter than one optimizer step")
-        self.events = sorted(set(range(start, end, every)) | {end})
+        return sorted(set(range(start, end, every)) | {end})
 
     def targets_at(self, step: int) -> dict[str, float]:
         start, end = self.events[0], self.events[-1]
@@ -70,13 +72,16 @@ class GradualPruning(Callback):
                                   self.spec.method, self.generator, strict=False)
             self.pruned_at[step] = pruning.sparsity_of(pl_module.model, list(self.finals))[0]
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def check_finished(self, step: int, model: torch.nn.Module) -> None:
+        """The stage's promise: the last prune happened and left the final sparsity (and no layer empty, unless
+        the recipe allows it)."""
         if self.events[-1] not in self.pruned_at:
-            raise StageError(self.stage, f"training stopped at step {trainer.global_step}, before gradual pruning "
+            raise StageError(self.stage, f"training stopped at step {step}, before gradual pruning "
                                          f"reached its final sparsity at step {self.events[-1]}",
                              "end the schedule earlier or remove early stopping")
-        pruning.check_reached(self.stage, pl_module.model, self.finals, self.spec.scope, FINAL_TOLERANCE)
+        pruning.check_reached(self.stage, model, self.finals, self.spec.scope, FINAL_TOLERANCE)
+        if not self.spec.allow_empty_layers:
+            pruning.check_not_emptied(self.stage, model, list(self.finals))
 
     def summary(self, model) -> dict:
         overall, layers = pruning.sparsity_of(model, list(self.finals))

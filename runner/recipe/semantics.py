@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from runner.errors import Issue
-from runner.recipe import states
+import runner.recipe.states as states
 from runner.recipe.expect import RUN_METRICS
 from runner.recipe.locate import dotted
 from runner.recipe.source import Source
@@ -315,6 +315,20 @@ def check_windows(path: tuple, block, length: Length, found: Findings) -> None:
                         f"{length.total} steps: it would never happen", "freeze inside the stage, or drop the field")
 
 
+def check_window_in_own_unit(path: tuple, block, found: Findings) -> None:
+    """Without the data's size, a gradual window given in the stage's own unit is still checked against it."""
+    gradual = block.gradual_pruning
+    for unit, length in (("epochs", block.epochs), ("steps", block.steps)):
+        start, end = getattr(gradual.start, unit), getattr(gradual.end, unit)
+        if length is not None and end is not None and end >= length:
+            found.error(path + ("gradual_pruning", "end", unit), f"the gradual pruning window ends at {unit} {end:g}, "
+                        f"not inside the stage's {length}", f"end it before {unit} {length} so the final sparsity "
+                        "is reached and held")
+        if start is not None and end is not None and start >= end:
+            found.error(path + ("gradual_pruning", "start", unit), f"the gradual pruning window starts at {unit} "
+                        f"{start:g}, not before its end {end:g}")
+
+
 def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> None:
     train_examples = used["train"] if used else None
     for i, stage in enumerate(recipe.stages):
@@ -323,6 +337,8 @@ def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> Non
             check_schedule(path, block, length, found)
             if length is not None:
                 check_windows(path, block, length, found)
+            elif block.gradual_pruning is not None:
+                check_window_in_own_unit(path, block, found)
         if used is None:
             continue
         batches = math.ceil(used["train"] / recipe.data.batch_size) if used["train"] > 0 else 0

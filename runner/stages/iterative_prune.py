@@ -70,6 +70,8 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     for round_index in range(1, spec.rounds + 1):
         targets = _next_targets(model, fractions, spec.scope)
         pruned = pruning.prune_weights(spec.name, model, targets, spec.scope, spec.method, generator)
+        if not spec.allow_empty_layers:  # before retraining a network that can only guess
+            pruning.check_not_emptied(spec.name, model, list(targets))
         if spec.reinit:
             pruning.rewind_weights(model, _fresh_weights(model, ctx, round_index))
         elif rewind_to is not None:

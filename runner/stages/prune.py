@@ -66,6 +66,8 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     scope = "layer" if spec.scope == "auto" else spec.scope
     metrics = pruning.prune_weights(spec.name, model, targets, scope, spec.method, generator)
     pruning.check_reached(spec.name, model, targets, scope, tolerance=0.0)  # one-shot pruning is exact
+    if not spec.allow_empty_layers:
+        pruning.check_not_emptied(spec.name, model, list(targets))
     if allocation is not None:
         pruning.check_reached(spec.name, model, {name: spec.sparsity for name in targets}, "global", tolerance=0.0)
         metrics["allocation"] = allocation
