@@ -77,13 +77,19 @@ def weights_digest(path: Path) -> str:
 
 
 def spec_inputs(spec) -> dict:
-    """{"weights": digest, "code": {file: digest}} of a model or data spec: what it reads besides the recipe."""
+    """{"weights": digest, "code": {file: digest}, "files": digest} of a model or data spec: what it reads besides
+    the recipe (`files`: the listing of a data set's root folder)."""
     record = {}
     weights = spec.weights_path() if hasattr(spec, "weights_path") else None
     if weights is not None and weights.exists():
         record["weights"] = weights_digest(weights)
     if getattr(spec, "import_", None) is not None:
         record["code"] = files_digest(code_files(spec.import_, spec.recipe_dir))
+    if hasattr(spec, "factory_args"):  # a data spec
+        from runner.data.build import root_listing_digest
+
+        if (listing := root_listing_digest(spec)) is not None:
+            record["files"] = listing
     return record
 
 
@@ -95,13 +101,15 @@ def run_inputs(recipe) -> dict:
 def changes(earlier: dict, now: dict) -> list[str]:
     """Why two provenance records differ, in words: `weights changed`, `model code changed (mymodels.py)`.
 
-    A record maps a kind (`model`, `data`) to {"weights": digest, "code": {file: digest}}.
+    A record maps a kind (`model`, `data`) to {"weights": digest, "code": {file: digest}, "files": digest}.
     """
     reasons = []
     for kind in sorted(set(earlier) | set(now)):
         before, after = earlier.get(kind, {}), now.get(kind, {})
         if before.get("weights") != after.get("weights"):
             reasons.append("weights changed")
+        if before.get("files") != after.get("files"):
+            reasons.append(f"{kind} files changed")
         old_code, new_code = before.get("code", {}), after.get("code", {})
         edited = sorted(name for name in set(old_code) | set(new_code) if old_code.get(name) != new_code.get(name))
         if edited:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from runner import pruning
+from runner.compress import channels  # also registers the `channels` transform that artifacts replay
 from runner.errors import StageError
 from runner.measure import named_tensors, paired_latency_ms, parameter_stats, serialized_bytes
 from runner.transforms import TRANSFORMS, record
@@ -184,27 +185,22 @@ def _targets(spec, layers: list[tuple[str, nn.Module]]) -> dict[str, float]:
     return {name.rpartition(".")[0]: value for name, value in pruning.layer_targets(prunable, spec.sparsity).items()}
 
 
-def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> dict:
-    """Rank, check, slim, prove parity with the masked model, and measure what slimming bought."""
-    try:
-        layers = chain(model)
-    except Unsupported as err:
-        raise StageError(spec.name, f"structured pruning cannot follow this model: {err}",
-                         "neurons are removed only in sequential chains of Linear/Conv, BatchNorm, activations, "
-                         "pooling and flatten (residual connections are not supported); use `granularity: weights`")
-    targets = _targets(spec, layers)
-    training = model.training  # handed on as it came: a following fine-tune must not train in eval mode
+def _keep(scores: torch.Tensor, target: float, spec, layer: str) -> torch.Tensor:
+    """Sorted indices of the neurons that stay: the largest scores (ties keep the lower index)."""
+    count = round(target * len(scores))
+    if count >= len(scores):
+        raise StageError(spec.name, f"sparsity {target} would remove every neuron of `{layer}` "
+                                    f"({count} of {len(scores)})", "lower its target")
+    return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:len(scores) - count]).values
+
+
+def _slim_chain(spec, model: nn.Module, layers, generator: torch.Generator) -> tuple[nn.Module, nn.Module, dict]:
+    """(masked copy, slimmed model, widths before): the removed rows are zeroed in the masked copy."""
     weights = named_tensors(model)
     keep, widths_before = {}, {}
-    for name, target in targets.items():
+    for name, target in _targets(spec, layers).items():
         scores = _neuron_scores(weights[f"{name}.weight"], spec.method, spec.norm or "l1", generator)
-        count = round(target * len(scores))
-        if count >= len(scores):
-            raise StageError(spec.name, f"sparsity {target} would remove every neuron of `{name}` "
-                                        f"({count} of {len(scores)})", "lower its target")
-        keep[name] = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:len(scores) - count]).values
-        widths_before[name] = len(scores)
-
+        keep[name], widths_before[name] = _keep(scores, target, spec, name), len(scores)
     masked = copy.deepcopy(model).eval()
     with torch.no_grad():
         for name, kept in keep.items():
@@ -214,22 +210,110 @@ def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torc
             for attr in ("weight", "bias"):
                 if _stored(layer, attr) is not None:
                     _stored(layer, attr)[dropped] = 0
-    before = {"params_total_before": parameter_stats(model)["params_total"],
-              "model_bytes_before": serialized_bytes(model)}
-
     try:
         slimmed = slim(model, keep)
     except Unsupported as err:
         raise StageError(spec.name, f"structured pruning cannot slim this model: {err}") from None
     record(slimmed, "slim", widths={name: len(kept) for name, kept in keep.items()})
+    return masked, slimmed, widths_before
+
+
+def _group_targets(spec, model: nn.Module, groups: list[channels.Group]) -> dict[str, float]:
+    """Root layer name -> fraction of its group's channels to remove; every group by default."""
+    roots = [group.root for group in groups]
+    prunable = [f"{root}.weight" for root in roots]
+    coupled = {writer: group.root for group in groups for writer in group.writers[1:]}
+    writers = {writer for group in groups for writer in group.writers}
+    outputs = [name for name, module in model.named_modules() if isinstance(module, channels.LAYERS)
+               and name not in writers]
+    for pattern in spec.sparsity if isinstance(spec.sparsity, dict) else []:
+        if not pruning.unmatched_patterns([pattern], prunable):
+            continue
+        hit = next((name for name in coupled if not pruning.unmatched_patterns([pattern], [f"{name}.weight"])), None)
+        if hit is not None:
+            raise StageError(spec.name, f"`{pattern}` names `{hit}`, whose output channels are coupled to those of "
+                                        f"`{coupled[hit]}` (they are added together): they are removed as one group",
+                             f"target the group by its first layer, `{coupled[hit]}`")
+        hit = next((name for name in outputs if not pruning.unmatched_patterns([pattern], [f"{name}.weight"])), None)
+        hint = f"`{hit}` produces the model's outputs" if hit is not None else "layers: " + ", ".join(roots)
+        raise StageError(spec.name, f"`{pattern}` matches no layer whose channels can be removed", hint)
+    return {name.rpartition(".")[0]: value for name, value in pruning.layer_targets(prunable, spec.sparsity).items()}
+
+
+def _slim_graph(spec, model: nn.Module, example: torch.Tensor,
+                generator: torch.Generator) -> tuple[nn.Module, nn.Module, dict, dict]:
+    """(masked copy, slimmed model, widths before, coupled layers) for a network with branches: channels
+    go by dependency group; the masked copy reads zeros where the slimmed model has nothing."""
+    graph = channels.dependency_graph(model, example)
+    groups = {group.root: group for group in channels.groups(model, graph)}
+    if not groups:
+        raise channels.Unsupported("no layer has output channels that another layer reads")
+    removed, widths_before = {}, {}
+    for root, target in _group_targets(spec, model, list(groups.values())).items():
+        group = groups[root]
+        scores = (torch.rand(group.width, generator=generator) if spec.method == "random"
+                  else channels.scores(model, group, spec.norm or "l1"))
+        dropped = torch.ones(group.width, dtype=torch.bool)
+        dropped[_keep(scores, target, spec, root)] = False
+        removed[root], widths_before[root] = dropped.nonzero().flatten().tolist(), group.width
+    masked = channels.zeroed_reads(model, graph, removed).eval()
+    slimmed = channels.remove(model, graph, removed)
+    channels.record_removal(slimmed, removed, example)
+    coupled = {root: groups[root].writers[1:] for root in removed if len(groups[root].writers) > 1}
+    return masked, slimmed, widths_before, coupled
+
+
+def _widths(model: nn.Module, names) -> dict[str, int]:
+    """Output neurons/channels each named layer has now: measured on the slimmed model, not assumed."""
+    layers = {name: model.get_submodule(name) for name in names}
+    return {name: layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            for name, layer in layers.items()}
+
+
+def check_supported(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why neurons or channels cannot be removed from `model`, or None when they can (a trace, no pruning)."""
+    try:
+        chain(model)
+        return None
+    except Unsupported:
+        pass
+    try:
+        if not channels.groups(model, channels.dependency_graph(model, example)):
+            return "no layer has output channels that another layer reads"
+    except channels.Unsupported as err:
+        return str(err)
+    return None
+
+
+def prune_neurons(spec, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> dict:
+    """Rank, check, slim, prove parity with the masked model, and measure what slimming bought.
+
+    Sequential chains are slimmed here (removed neurons' constant outputs folded into the next bias);
+    any other network goes through Torch-Pruning's dependency graph (runner.compress.channels)."""
+    training = model.training  # handed on as it came: a following fine-tune must not train in eval mode
+    before = {"params_total_before": parameter_stats(model)["params_total"],
+              "model_bytes_before": serialized_bytes(model)}
+    coupled = None
+    try:
+        masked, slimmed, widths_before = _slim_chain(spec, model, chain(model), generator)
+    except Unsupported:
+        try:
+            masked, slimmed, widths_before, coupled = _slim_graph(spec, model, example, generator)
+        except channels.Unsupported as err:
+            raise StageError(spec.name, f"structured pruning cannot follow this model: {err}",
+                             "neurons and channels are removed in sequential chains and in networks Torch-Pruning "
+                             "can trace; otherwise use `granularity: weights`") from None
     slimmed.eval()
     with torch.no_grad():
-        difference = float((slimmed(example) - masked(example)).abs().max())
+        got, expected = slimmed(example), masked(example)
+        difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     if difference > spec.parity_tolerance:
         raise StageError(spec.name, f"the slimmed model's outputs differ from the masked model's by {difference:.3g} "
                                     f"(tolerance {spec.parity_tolerance})", "this is a bug in nnopt; please report it")
-    metrics = {"widths_before": widths_before, "widths_after": {name: len(kept) for name, kept in keep.items()},
+    metrics = {"widths_before": widths_before, "widths_after": _widths(slimmed, widths_before),
                "parity_max_abs_diff": difference, **before, "model_bytes": serialized_bytes(slimmed)}
+    if coupled:
+        metrics["coupled_layers"] = coupled  # removed with their group's root, across residual additions
     metrics.update(parameter_stats(slimmed))
     # One intra-op thread: on a shared machine a spinning thread pool swamps what slimming saves.
     threads = torch.get_num_threads()

@@ -4,6 +4,7 @@ per-split transforms, loader settings, rank sharding and exact resume on the str
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import struct
 import subprocess
@@ -69,6 +70,20 @@ def test_image_folder_splits_and_probes(write_recipe, shapes):
     x, y = data.examples("test", 12)
     assert x.shape == (12, 3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert len(set(y.tolist())) >= 3  # a fixed shuffle: the first examples are not all of the first class
+
+
+def test_a_changed_image_folder_changes_the_fingerprint_and_the_plan_says_why(write_recipe, tmp_path):
+    from runner.plan import fingerprints
+    from runner.provenance import changes, run_inputs
+
+    root = make_image_folder(tmp_path / "few", per_class=4, size=8)
+    path = write_recipe(shapes_recipe(root))
+    recipe = load_recipe(path)
+    before = fingerprints(recipe), run_inputs(recipe)
+    assert run_inputs(recipe) == before[1]  # a walk of names, sizes and times: stable
+    shutil.copy(root / "train" / "circle" / "000.png", root / "train" / "circle" / "extra.png")
+    assert fingerprints(recipe) != before[0]
+    assert changes(before[1], run_inputs(recipe)) == ["data files changed"]
 
 
 def test_one_folder_is_split_per_class_by_a_seed(write_recipe, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from runner.modelio import load_model
 from tests.conftest import mnist_recipe, read_metrics, synthetic_recipe
+from tests.residual import residual_recipe
 
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
 
@@ -63,22 +64,103 @@ def test_slimming_matches_the_masked_model(nnopt, write_recipe, tmp_path, model,
     assert torch.equal(reloaded.eval()(example), load_model(run_dir / "03-evaluate").eval()(example))
 
 
+def _norms(rows: list[torch.Tensor], norm: str) -> torch.Tensor:
+    """Each channel's norm over the output rows of every layer that writes it."""
+    flat = torch.cat([r.detach().flatten(1) for r in rows], dim=1)
+    return flat.abs().sum(dim=1) if norm == "l1" else flat.norm(dim=1)
+
+
+def _largest(scores: torch.Tensor, fraction_removed: float) -> torch.Tensor:
+    kept = len(scores) - round(fraction_removed * len(scores))
+    return scores.topk(kept).indices.sort().values
+
+
+@pytest.mark.parametrize("norm, sparsity", [
+    ("l1", 0.3),  # every group
+    ("l2", {"conv1": 0.3, "layers.*.conv1": 0.3}),  # the first stage's residual stream and each block's inner conv
+])
+def test_resnet20_channels_removed_through_the_dependency_graph(nnopt, write_recipe, tmp_path, norm, sparsity):
+    """Channels added together across residual connections go as one group, ranked by the norm of all
+    the weights that write them; the slimmed network equals the original with those channels zeroed."""
+    recipe = residual_recipe("resnet20_slim", [
+        {"name": "slim", "kind": "prune", "granularity": "neurons", "norm": norm, "sparsity": sparsity},
+        {"name": "evaluate", "kind": "evaluate", "latency_repeats": 3}], train_epochs=1)
+    run_dir, _ = run(nnopt, write_recipe, tmp_path, recipe)
+    slim = read_metrics(run_dir, "02-slim")
+    assert slim["parity_max_abs_diff"] <= 1e-4
+    assert slim["coupled_layers"]["conv1"] == ["layers.0.conv2", "layers.1.conv2", "layers.2.conv2"]
+    targeted = {"conv1", *(f"layers.{i}.conv1" for i in range(9))}
+    if sparsity == 0.3:
+        targeted |= {"layers.3.conv2", "layers.6.conv2"}  # the second and third stages' streams
+    assert set(slim["widths_before"]) == targeted
+    assert all(slim["widths_after"][n] == w - round(0.3 * w) for n, w in slim["widths_before"].items())
+    assert slim["params_total"] < 0.8 * slim["params_total_before"]
+
+    trained, slimmed = load_model(run_dir / "01-train"), load_model(run_dir / "02-slim")
+    stem = _largest(_norms([trained.conv1.weight] + [trained.layers[i].conv2.weight for i in range(3)], norm), 0.3)
+    inner = _largest(_norms([trained.layers[0].conv1.weight], norm), 0.3)
+    assert torch.equal(slimmed.conv1.weight, trained.conv1.weight[stem])
+    assert torch.equal(slimmed.layers[0].conv1.weight, trained.layers[0].conv1.weight[inner][:, stem])
+    assert torch.equal(slimmed.layers[0].conv2.weight, trained.layers[0].conv2.weight[stem][:, inner])
+    assert slimmed.layers[3].shortcut[0].in_channels == slimmed.layers[3].conv1.in_channels == len(stem)
+
+    # the reloaded model is the one the next stage got in memory: the same test accuracy to the example
+    from runner.data.synthetic import synthetic
+
+    images, labels = synthetic(**recipe["data"]["args"]).test
+    with torch.inference_mode():
+        accuracy = float((slimmed.eval()(images).argmax(1) == labels).float().mean())
+    assert accuracy == pytest.approx(read_metrics(run_dir, "03-evaluate")["test_acc"])
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "mobilenet_v2"])
+def test_torchvision_networks_slim_and_replay(builder):
+    """Projections, depthwise convolutions and inverted residuals: parity, then a fresh model rebuilt
+    from the recorded transform loads the slimmed state dict strictly and computes the same."""
+    import torchvision
+
+    from runner.recipe.stages import PruneStage
+    from runner.slimming import prune_neurons
+    from runner.transforms import replay, transforms_of
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, builder)(num_classes=4)
+    example = torch.randn(2, 3, 32, 32)
+    spec = PruneStage(name="slim", kind="prune", granularity="neurons", sparsity=0.5, norm="l2")
+    metrics = prune_neurons(spec, model, example, torch.Generator().manual_seed(0))
+    slimmed = metrics["model"].eval()
+    assert metrics["parity_max_abs_diff"] <= 1e-4 and metrics["params_total"] < 0.4 * metrics["params_total_before"]
+    fresh = replay(getattr(torchvision.models, builder)(num_classes=4), transforms_of(slimmed))
+    fresh.load_state_dict(slimmed.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(fresh.eval()(example), slimmed(example))
+
+
 def test_unsupported_graphs_and_bad_targets_are_refused(nnopt, write_recipe, tmp_path):
-    resnet = synthetic_recipe()
-    resnet["model"] = {"name": "resnet20"}
-    resnet["data"]["args"].update(shape=[3, 8, 8])
-    resnet["stages"] = [{"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.5}]
-    _, err = run(nnopt, write_recipe, tmp_path / "a", resnet, expect=1)
-    assert "structured pruning cannot follow this model: the model is a `ResNet`" in err
-    assert "residual connections are not supported" in err
+    coupled = residual_recipe("coupled", [{"name": "slim", "kind": "prune", "granularity": "neurons",
+                                           "sparsity": {"layers.1.conv2": 0.5}}], train_epochs=0)
+    _, err = run(nnopt, write_recipe, tmp_path / "a", coupled, expect=1)
+    assert "`layers.1.conv2` names `layers.1.conv2`, whose output channels are coupled to those of `conv1`" in err
+    assert "target the group by its first layer, `conv1`" in err
+
+    logits = residual_recipe("logits", [{"name": "slim", "kind": "prune", "granularity": "neurons",
+                                         "sparsity": {"fc": 0.5}}], train_epochs=0)
+    _, err = run(nnopt, write_recipe, tmp_path / "b", logits, expect=1)
+    assert "`fc` matches no layer whose channels can be removed" in err and "`fc` produces the model's outputs" in err
+
+    masked = residual_recipe("masked", [{"name": "weights", "kind": "prune", "sparsity": 0.5},
+                                        {"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.5}],
+                             train_epochs=0)
+    _, err = run(nnopt, write_recipe, tmp_path / "c", masked, expect=1)
+    assert "structured pruning cannot follow this model: it carries pruning masks" in err
 
     outputs = synthetic_recipe()
     outputs["stages"] = [{"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": {"fc2": 0.5}}]
-    _, err = run(nnopt, write_recipe, tmp_path / "b", outputs, expect=1)
+    _, err = run(nnopt, write_recipe, tmp_path / "d", outputs, expect=1)
     assert "`fc2` matches no layer whose neurons can be removed" in err and "`fc2` produces the model's outputs" in err
 
     everything = synthetic_recipe()
     everything["model"]["args"]["hidden"] = [2]
     everything["stages"] = [{"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.9}]
-    _, err = run(nnopt, write_recipe, tmp_path / "c", everything, expect=1)
+    _, err = run(nnopt, write_recipe, tmp_path / "e", everything, expect=1)
     assert "would remove every neuron of `fc1` (2 of 2)" in err

@@ -4,6 +4,10 @@ user's own LightningDataModule."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -61,3 +65,21 @@ def _class_count(train: Dataset, target: str) -> int:
     raise DataUnavailable(f"the training Dataset `{target}` returned has neither `classes` nor `targets`, so the "
                           "number of classes is unknown",
                           "set `train_set.classes = [names...]` (or `targets`, the labels) before returning it")
+
+
+def root_listing_digest(spec) -> str | None:
+    """A digest of the files under a registered data set's `root` folder (relative name, size, modification
+    time: a walk of file names, never reading them), so that adding, removing or rewriting a file reruns
+    what was trained on it. None for data without a root folder."""
+    if spec.name is None or not isinstance(spec.args.get("root"), str):
+        return None
+    root = Path(spec.factory_args()["root"])
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

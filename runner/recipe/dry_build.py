@@ -72,7 +72,7 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     if facts is not None and facts.shape is not None:
         _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
-    _check_structure(recipe, model, found)
+    _check_structure(recipe, model, facts, found)
     from runner.recipe.semantics import check_expect_layers
 
     check_expect_layers(recipe, model, found)
@@ -191,18 +191,18 @@ def _check_kept(path: tuple, spec, targets_field: str, model: nn.Module, prunabl
                         "guess", "lower the target for that layer, or set `allow_empty_layers: true` if you mean it")
 
 
-def _check_structure(recipe, model: nn.Module, found) -> None:
-    """Neuron pruning follows only sequential chains (runner.slimming)."""
-    from runner.slimming import Unsupported, chain
+def _check_structure(recipe, model: nn.Module, facts, found) -> None:
+    """Neuron pruning follows sequential chains and networks Torch-Pruning can trace (runner.slimming)."""
+    from runner.slimming import check_supported
 
+    shape = getattr(facts, "shape", None)
     for i, stage in enumerate(recipe.stages):
-        if stage.kind == "prune" and stage.granularity == "neurons":
-            try:
-                chain(model)
-            except Unsupported as error:
-                found.error(("stages", i, "granularity"), f"structured pruning cannot follow this model: {error}",
-                            "neurons are removed only in sequential chains of Linear/Conv, BatchNorm, activations, "
-                            "pooling and flatten (residual connections are not supported); use `granularity: weights`")
+        if stage.kind == "prune" and stage.granularity == "neurons" and shape is not None:
+            problem = check_supported(model, torch.zeros((2,) + tuple(shape), device="meta"))
+            if problem:
+                found.error(("stages", i, "granularity"), f"structured pruning cannot follow this model: {problem}",
+                            "neurons and channels are removed in sequential chains and in networks Torch-Pruning "
+                            "can trace; otherwise use `granularity: weights`")
             return
 
 
