@@ -29,8 +29,9 @@ PACKED_SUFFIX = ".dcz"  # the compressed artifact (runner.compress.packed)
 
 
 def spec_data(model_spec) -> dict:
-    """A ModelSpec as the JSON data saved artifacts carry."""
-    return model_spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """A ModelSpec as the JSON data saved artifacts carry: the architecture, without the weights the run started
+    from (an artifact holds its own state dict, and a shipped .dcz names no file of the user's machine)."""
+    return model_spec.architecture()
 
 
 def _spec(data: dict):

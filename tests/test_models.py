@@ -4,20 +4,22 @@ follow the weights' and the code's content."""
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchvision
+import yaml
 from torch import nn
 
+from runner.cli import main
 from runner.modelio import load_model
 from tests.conftest import read_metrics, synthetic_recipe
 from tests.test_caching import plan_line
+
 
 def flat(text: str) -> str:
     """Console output with the lines it wrapped joined again."""
@@ -44,12 +46,10 @@ def evaluate_only(model: dict, name: str = "start") -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small MLP trained on the synthetic data (stage folder) and its test accuracy."""
-    from runner.cli import main
-
     folder = tmp_path_factory.mktemp("trained")
     recipe = synthetic_recipe()
     recipe["stages"][1] = EVALUATE
-    (folder / "recipe.yaml").write_text(__import__("yaml").safe_dump(recipe))
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(folder / "recipe.yaml"), "-O", str(folder / "out")]) == 0
     run_dir = folder / "out" / "tiny"
     return run_dir / "01-train", read_metrics(run_dir, "02-evaluate")["test_acc"]
@@ -67,7 +67,7 @@ def test_torchvision_resnet18_builds_trains_and_reloads(nnopt, write_recipe, tmp
     code, out, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
     assert code == 0, err
     reloaded = load_model(tmp_path / "out" / "tiny" / "01-train")
-    fresh = __import__("torchvision").models.resnet18(num_classes=4)
+    fresh = torchvision.models.resnet18(num_classes=4)
     assert type(reloaded) is type(fresh) and reloaded.fc.out_features == 4
     assert reloaded.state_dict().keys() == fresh.state_dict().keys()
     assert reloaded.bn1.num_batches_tracked.item() == 2  # two training steps ran on it
@@ -126,6 +126,8 @@ def test_weights_start_the_run_from_the_trained_model(nnopt, write_recipe, tmp_p
     assert code == 0, err
     assert f"weights {weights}: loaded 4 of the model's 4 tensors" in flat(out)
     assert read_metrics(tmp_path / "out" / "start", "01-evaluate")["test_acc"] == trained_acc
+    saved = json.loads((tmp_path / "out" / "start" / "01-evaluate" / "model.json").read_text())
+    assert saved["model"] == MLP  # the architecture: the artifact holds its own weights, not a path to the user's
 
     code, _, err = nnopt("run", write_recipe(evaluate_only(MLP, name="fresh")), "-O", tmp_path / "out")
     assert code == 0, err
@@ -246,17 +248,15 @@ MODULE = ("from collections import OrderedDict\n"
           "    return nn.Sequential(OrderedDict(fc1=nn.Linear(32, hidden), act=nn.{act}(), fc2=nn.Linear(hidden, 10)))\n")
 
 
-def test_a_module_next_to_the_recipe_imports_without_pythonpath(tmp_path, monkeypatch):
+def test_a_module_next_to_the_recipe_imports_without_pythonpath(nnopt, tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
     (project / "tanh_models.py").write_text(MODULE.format(act="Tanh"))
-    recipe = evaluate_only({"import": "tanh_models:build"})
-    (project / "recipe.yaml").write_text(__import__("yaml").safe_dump(recipe))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, "-m", "runner", "run", "project/recipe.yaml", "-O", "out"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env)  # nnopt's checkout only
-    assert done.returncode == 0, done.stderr
-    monkeypatch.syspath_prepend(str(project))  # reading the artifact back here needs the user's code too
+    (project / "recipe.yaml").write_text(yaml.safe_dump(evaluate_only({"import": "tanh_models:build"})))
+    monkeypatch.chdir(tmp_path)  # neither the working folder nor sys.path holds the module
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(project))])
+    code, out, err = nnopt("run", "project/recipe.yaml", "-O", "out")
+    assert code == 0, err
     assert isinstance(load_model(tmp_path / "out" / "start" / "01-evaluate")[1], nn.Tanh)
 
 
@@ -270,7 +270,7 @@ def test_editing_the_code_or_the_weights_reruns_and_says_why(nnopt, tmp_path, tr
     recipe["model"] = {"import": "mymodels:build", "args": {"hidden": 32}, "weights": "start"}
     recipe["stages"][1] = EVALUATE
     path = project / "recipe.yaml"
-    path.write_text(__import__("yaml").safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe))
     out_dir = tmp_path / "out"
 
     def plan(*args):
