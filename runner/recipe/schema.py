@@ -101,8 +101,8 @@ class DataTransforms(Spec):
     `eval` to validation, test and the probes (calibration, export and parity checks). A list without
     ToImage/ToDtype runs on float tensors in [0, 1]. Data read into memory streams when given any."""
 
-    train: list[TransformItem] = []
-    eval: list[TransformItem] = []
+    train: list[TransformItem] = []  # e.g. [{RandomCrop: {size: 32, padding: 4}}, RandomHorizontalFlip]
+    eval: list[TransformItem] = []  # e.g. [{Resize: {size: 36}}, {CenterCrop: {size: 32}}, {Normalize: {...}}]
 
 
 class DataLoaderSpec(Spec):
@@ -124,14 +124,14 @@ class DataSpec(FromRecipeFile):
     """A registered data set by `name`, or trusted user code via `import: package.module:factory`
     returning a LightningDataModule or (train, val, test) torch Datasets."""
 
-    name: str | None = None
-    import_: Annotated[str | None, Field(alias="import", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = None
+    name: str | None = None  # a registered data set (`nnopt list`): mnist, image_folder, cifar10, ...
+    import_: Annotated[str | None, Field(alias="import", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = None  # module:factory
     batch_size: PositiveInt = 128  # the global training batch, split over the processes of a multi-process run
-    eval_batch_size: PositiveInt = 1000
-    limit: DataLimit = DataLimit()
-    args: dict[str, Any] = {}
-    transforms: DataTransforms = DataTransforms()
-    loader: DataLoaderSpec = DataLoaderSpec()
+    eval_batch_size: PositiveInt = 1000  # validation and test batches (global, too)
+    limit: DataLimit = DataLimit()  # the first N examples of a split after a fixed shuffle, for quick runs
+    args: dict[str, Any] = {}  # the data set's or factory's arguments; a `root` is relative to the recipe file
+    transforms: DataTransforms = DataTransforms()  # torchvision transforms.v2 per split: `train` and `eval`
+    loader: DataLoaderSpec = DataLoaderSpec()  # DataLoader workers for data read example by example
 
     @model_validator(mode="after")
     def _one_source(self):
