@@ -46,7 +46,8 @@ def read_csv_log(path: Path) -> dict[str, list[tuple[float, float]]]:
 def training_curves(log: Path, path: Path, title: str) -> Path | None:
     """Loss (train per step, validation per epoch), validation accuracy, learning rate per step."""
     series = read_csv_log(log)
-    panels = [("loss", [k for k in ("train_loss", "val_loss") if k in series]),
+    # with L1/L2 terms, train_loss is the whole objective; train_data_loss is the part comparable with val_loss
+    panels = [("loss", [k for k in ("train_loss", "train_data_loss", "train_penalty", "val_loss") if k in series]),
               ("accuracy", [k for k in ("train_acc", "val_acc") if k in series]),
               ("learning rate", sorted(k for k in series if k.startswith("lr-") and not k.endswith("-momentum")))]
     panels = [(label, keys) for label, keys in panels if keys]

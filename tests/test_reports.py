@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import synthetic_recipe
 
 
@@ -42,3 +44,18 @@ def test_int8_report_shows_bits_per_layer_under_stable_names(nnopt, write_recipe
     drawn = json.loads((run_dir / "report.json").read_text())["plots"]
     if drawn:
         assert "plots/layer_bits.png" in drawn
+
+
+def test_objective_parts_are_logged_apart(nnopt, write_recipe, tmp_path):
+    import csv
+
+    recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 0.001, "params": ["fc1.weight"]}])
+    recipe["trainer"]["log_every_n_steps"] = 4
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    with open(tmp_path / "tiny" / "01-train" / "logs" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train_penalty")]
+    assert rows
+    for row in rows:  # the objective is the data loss plus the L1 term, each logged over the same window
+        total, data, penalty = float(row["train_loss"]), float(row["train_data_loss"]), float(row["train_penalty"])
+        assert penalty > 0 and total == pytest.approx(data + penalty, rel=1e-5)

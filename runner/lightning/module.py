@@ -37,6 +37,7 @@ class ClassifierModule(pl.LightningModule):
         self.objective = build_objective(spec.loss, num_classes)
         self._penalties = self._match_penalties()
         self._epoch_losses: list[torch.Tensor] = []  # this epoch's detached step losses, logged in windows
+        self._epoch_parts: list[torch.Tensor] = []  # (data loss, penalty) per step, with L1/L2 terms
         self._logged_until = 0
         self._compiled: Callable | None = None  # set by CompiledForward for the length of a fit
         self._teacher: Teacher | None = None  # set by teach_with: the soft targets of a distilled fit
@@ -89,7 +90,10 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch
         loss = self._training_loss(x, y)
         if self._penalties:
-            loss = loss + self.penalty()
+            penalty = self.penalty()
+            # logged apart: train_loss includes the penalty, so only the data loss compares with val_loss
+            self._epoch_parts.append(torch.stack([loss.detach(), penalty.detach()]))
+            loss = loss + penalty
         if not torch.isfinite(loss.detach()):
             self._stop_on_non_finite(loss, batch_idx)
         # self.log costs about as much as a LeNet-300-100 optimizer step on CPU, so the loss is
@@ -98,7 +102,8 @@ class ClassifierModule(pl.LightningModule):
         # rule, restated in _log_step), and as the epoch mean at the end of each epoch.
         self._epoch_losses.append(loss.detach())
         if self._log_step():
-            self._log_train_loss(self._epoch_losses[self._logged_until:], on_step=True)
+            self._log_train_loss(self._epoch_losses[self._logged_until:], self._epoch_parts[self._logged_until:],
+                                 on_step=True)
             self._logged_until = len(self._epoch_losses)
         return loss
 
@@ -109,17 +114,22 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_losses = []
+        self._epoch_parts = []
         self._logged_until = 0
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_losses:
-            self._log_train_loss(self._epoch_losses, on_step=False)
+            self._log_train_loss(self._epoch_losses, self._epoch_parts, on_step=False)
 
-    def _log_train_loss(self, losses: list[torch.Tensor], on_step: bool) -> None:
+    def _log_train_loss(self, losses: list[torch.Tensor], parts: list[torch.Tensor], on_step: bool) -> None:
         # Averaged over ranks so that a multi-process run reports the global batch's loss; every
         # rank reaches this on the same steps, so the all-reduce happens only here.
         self.log("train_loss", torch.stack(losses).mean(), on_step=on_step, on_epoch=not on_step, prog_bar=True,
                  batch_size=1, sync_dist=True)
+        if parts:
+            data_loss, penalty = torch.stack(parts).mean(dim=0)
+            for name, value in (("train_data_loss", data_loss), ("train_penalty", penalty)):
+                self.log(name, value, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=True)
 
     def _stop_on_non_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Training on from a NaN or infinite loss only spreads it into every weight: stop the stage now."""
