@@ -97,6 +97,7 @@ PRUNE_NEURONS = (
     Metric("widths_before.*", "output neurons/channels per pruned layer before slimming"),
     Metric("widths_after.*", "output neurons/channels per pruned layer after slimming"),
     Metric("parity_max_abs_diff", "max |slimmed - masked| output difference on the probe batch"),
+    Metric("coupled_layers.*", "layers whose output channels went with the root's (added together in a residual)"),
     Metric("params_total_before", "parameters before slimming"),
     Metric("model_bytes_before", "serialized bytes before slimming", "B"),
     Metric("model_bytes", "serialized bytes after slimming", "B"),
