@@ -130,3 +130,53 @@ def widths(before: dict[str, int], after: dict[str, int], path: Path, title: str
     axes.legend()
     axes.grid(axis="y", alpha=0.3)
     return _save(figure, path)
+
+
+def pipeline_curves(stages: list[tuple[str, Path | None, dict]], path: Path, title: str) -> Path | None:
+    """The whole pipeline on one step axis: losses on top; validation accuracy and sparsity (both fractions)
+    below, so train -> pruning dip -> fine-tune recovery reads left to right. `stages` holds (name, CSV log
+    or None, metrics) in run order; a stage without a log (prune, quantize, ...) sits at a boundary."""
+    figure = _figure(9.0, 5.6)
+    losses, fractions = figure.subplots(2, 1, sharex=True)
+    offset, sparsity, drew, labels = 0.0, [], False, {}
+    for name, log, metrics in stages:
+        series = read_csv_log(log) if log is not None and log.is_file() else {}
+        end = max((step for values in series.values() for step, _ in values), default=0.0)
+        for key, axes, colour in (("train_data_loss" if "train_data_loss" in series else "train_loss", losses, "tab:blue"),
+                                  ("val_loss", losses, "tab:orange"), ("val_acc", fractions, "tab:green")):
+            if key in series:
+                steps, values = zip(*series[key])
+                axes.plot([offset + s for s in steps], values, color=colour, label=key if not drew else None,
+                          marker="o" if len(steps) < 30 else None, markersize=3)
+        # Sparsity of the pruned weights (biases and BatchNorm left out), the measure both one-shot and gradual
+        # pruning report; the whole model's `sparsity` counts biases too and would make the line jump between them.
+        gradual = metrics.get("gradual_pruning") or {}
+        for step, reached in gradual.get("pruned_at_steps", {}).items():
+            sparsity.append((offset + float(step), reached if isinstance(reached, (int, float)) else None))
+        for key in ("sparsity_after",):
+            if isinstance(metrics.get(key), (int, float)):
+                sparsity.append((offset + end, float(metrics[key])))
+        drew = drew or bool(series)
+        labels.setdefault(offset, []).append(name)
+        offset += end
+    for at, names in labels.items():
+        for axes in (losses, fractions):
+            axes.axvline(at, color="gray", linestyle=":", linewidth=0.8)
+        losses.annotate(" / ".join(names), (at, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                        ha="right", fontsize=8, color="gray")
+    points = [(step, value) for step, value in sparsity if value is not None]
+    if not drew and not points:
+        return None
+    if points:
+        steps, values = zip(*points)
+        fractions.step(steps, values, where="post", color="tab:red", label="sparsity (pruned weights)", marker="o",
+                       markersize=3)
+    losses.set_ylabel("loss")
+    fractions.set_ylabel("fraction")
+    fractions.set_xlabel("step (all stages, in run order)")
+    for axes in (losses, fractions):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="best", fontsize=8)
+    figure.suptitle(title)
+    return _save(figure, path)

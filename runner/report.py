@@ -60,6 +60,10 @@ def _plots(run_dir: Path, outcomes: list[StageOutcome], layers: dict[str, dict])
         # a dense or slimmed model has no zeros to show: an all-zero sparsity plot says nothing
         if any(layers[key].values()):
             drawn.append(plots.layer_bars(layers[key], run_dir / "plots" / f"{key}.png", f"{label} per layer", label))
+    if sum(1 for o in outcomes if o.status != "skipped") > 1:
+        stages = [(o.name, Path(o.folder) / "logs" / "metrics.csv", o.metrics) for o in outcomes if o.status != "skipped"]
+        drawn.append(plots.pipeline_curves(stages, run_dir / "plots" / "pipeline.png",
+                                           f"{run_dir.name}: every stage on one step axis"))
     slimmed = _slimmed(outcomes)
     if slimmed is not None:
         drawn.append(plots.widths(slimmed.metrics["widths_before"], slimmed.metrics["widths_after"],

@@ -25,6 +25,7 @@ def test_structured_pruning_report_shows_widths_and_no_empty_sparsity_plot(nnopt
     drawn = json.loads((run_dir / "report.json").read_text())["plots"]
     if drawn:  # matplotlib installed
         assert "plots/widths.png" in drawn and "plots/layer_sparsity.png" not in drawn
+        assert "plots/pipeline.png" in drawn  # every stage on one step axis
         assert (run_dir / "plots" / "widths.png").stat().st_size > 0
 
 
@@ -59,3 +60,19 @@ def test_objective_parts_are_logged_apart(nnopt, write_recipe, tmp_path):
     for row in rows:  # the objective is the data loss plus the L1 term, each logged over the same window
         total, data, penalty = float(row["train_loss"]), float(row["train_data_loss"]), float(row["train_penalty"])
         assert penalty > 0 and total == pytest.approx(data + penalty, rel=1e-5)
+
+
+def test_pipeline_curve_joins_stages_and_tracks_gradual_sparsity(tmp_path):
+    from pathlib import Path
+
+    from runner import plots
+
+    if plots.missing_notice() is not None:
+        pytest.skip("matplotlib is not installed")
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,train_loss,val_acc\n0,9,1.0,\n0,9,,0.5\n1,19,0.5,\n1,19,,0.7\n")
+    stages = [("train", log, {}), ("prune", None, {"sparsity_after": 0.5}),
+              ("finetune", log, {"gradual_pruning": {"pruned_at_steps": {"5": 0.6, "15": 0.8}}}),
+              ("evaluate", Path(tmp_path / "none.csv"), {"sparsity": 0.7})]
+    assert plots.pipeline_curves(stages, tmp_path / "pipeline.png", "t").stat().st_size > 0
+    assert plots.pipeline_curves([("quantize", None, {})], tmp_path / "empty.png", "t") is None  # nothing to draw
