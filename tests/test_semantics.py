@@ -453,3 +453,14 @@ def test_early_stopping_before_the_gradual_end_fails_on_every_rerun(nnopt, write
         assert code == 1 and "training stopped at step 32, before gradual pruning reached its final sparsity" in err
         assert "resumes" not in text, f"attempt {attempt} resumed the early-stopped fit"
         assert not (out / "tiny" / "01-train" / "DONE").exists()
+
+
+def test_training_that_ends_at_chance_fails_unless_meant(nnopt, write_recipe, tmp_path):
+    frozen = {"epochs": 1, "optimizer": {"name": "sgd", "lr": 1e-9}}  # the weights barely move from their init
+    code, _, err = nnopt("run", write_recipe(recipe_with(train=frozen)), "-O", tmp_path / "out")
+    err = " ".join(err.split())
+    assert code == 1 and "stage `train` failed: training ended at chance: validation accuracy" in err
+    assert "(a guess gets 0.100)" in err and "allow_chance_accuracy: true" in err
+    code, _, err = nnopt("run", write_recipe(recipe_with(train=frozen | {"allow_chance_accuracy": True})),
+                         "-O", tmp_path / "out")
+    assert code == 0, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import signal
 import threading
 import time
@@ -111,9 +112,27 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
         metrics["resumed"] = True  # fit_seconds and samples_per_second cover the resumed part only
     if gradual is not None:
         metrics["gradual_pruning"] = gradual.summary(module.model)
+    if not spec.allow_chance_accuracy:
+        check_above_chance(ctx.name, metrics, data)
     if teacher is not None:
         metrics["distillation"] = teacher.cost(wall)
     return metrics
+
+
+def check_above_chance(stage: str, metrics: dict, data) -> None:
+    """A fit that ends where a guess starts learned nothing, and calling it done would hide that: validation
+    accuracy within 3 standard errors of 1/classes (a uniform guess's; binomial over the validation split) and a
+    loss no better than the uniform guess's ln(classes). A model still learning has a lower loss."""
+    accuracy, loss = metrics.get("val_acc"), metrics.get("val_loss")
+    if accuracy is None or loss is None or metrics["epochs"] < 1:
+        return
+    classes, examples = data.num_classes, data.split_size("val")
+    chance = 1 / classes
+    if accuracy <= chance + 3 * math.sqrt(chance * (1 - chance) / examples) and loss >= 0.95 * math.log(classes):
+        raise StageError(stage, f"training ended at chance: validation accuracy {accuracy:.3f} over {classes} classes "
+                         f"(a guess gets {chance:.3f}) and loss {loss:.3f} (a uniform guess: {math.log(classes):.3f})",
+                         "lower the learning rate, train longer, or check the data and its labels; set "
+                         "`allow_chance_accuracy: true` if the stage means it (a control run)")
 
 
 def forget_resume_point(stage_dir: Path) -> None:

@@ -45,6 +45,7 @@ class Training(Spec):
     lr_finder: LRFinder | None = None
     batch_size_finder: BatchSizeFinder | None = None
     val_every_epochs: PositiveInt = 1
+    allow_chance_accuracy: bool = False  # true: a fit may end at chance accuracy without failing (a control run)
     trainer: TrainerOverride | None = None
     gradual_pruning: GradualPruning | None = None
     distillation: Distillation | None = None
