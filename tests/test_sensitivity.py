@@ -162,6 +162,7 @@ def test_auto_prune_reaches_the_target_within_bounds_and_a_plain_recipe_reproduc
     assert auto_masks.keys() == plain_masks.keys() and all(torch.equal(auto_masks[k], plain_masks[k]) for k in auto_masks)
 
 
+@pytest.mark.slow
 def test_auto_prune_scans_in_place_without_a_sensitivity_stage(nnopt, write_recipe, tmp_path):
     recipe = _stages({"scope": "auto", "sparsity": 0.8})
     del recipe["stages"][1]
@@ -194,6 +195,7 @@ def test_a_sensitivity_stage_named_before_it_runs_is_an_error(nnopt, write_recip
     assert code == 2 and "stage `scan` runs after this one" in " ".join(err.split())
 
 
+@pytest.mark.slow
 def test_weight_sharing_bits_from_a_bytes_budget_and_from_a_drop_budget(nnopt, write_recipe, tmp_path):
     recipe = _stages({"sparsity": 0.5})
     share = {"name": "share", "kind": "quantize", "method": "weight_sharing", "kmeans_iterations": 10}
