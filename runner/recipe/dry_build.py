@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runner.registry import did_you_mean
+
 # A real (CPU) copy is built only when the meta one cannot tell (the int8 probe; a forward pass that fails on
 # meta tensors), and only of a model this small.
 REAL_BUILD_MAX_PARAMETERS = 20_000_000
@@ -73,8 +75,6 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
         _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
     _check_structure(recipe, model, facts, found)
-    from runner.recipe.semantics import check_expect_layers
-
     check_expect_layers(recipe, model, found)
     if facts is not None and facts.shape is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
         _check_int8(recipe, facts, found)
@@ -226,3 +226,20 @@ def _check_int8(recipe, facts, found) -> None:
             found.error(("stages", i, "method"), f"{stage.method} cannot quantize this model: {problem}",
                         "static int8 and QAT trace the model with torch.fx and need an int8 kernel for every Conv "
                         "and Linear; dynamic_int8 quantizes only Linear layers and runs the rest in float")
+
+
+def check_expect_layers(recipe, model: nn.Module, found) -> None:
+    """`stage.layer_sparsity.fc9.weight` and the like name a layer of the dry-built model."""
+    if recipe.expect is None:
+        return
+    layers = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_modules() if name}
+    per_layer = ("layer_sparsity", "layer_sparsity_before", "layer_sparsity_after", "layer_bits", "distinct_values",
+                 "widths_before", "widths_after")
+    stages = {stage.name for stage in recipe.stages}
+    for metric in recipe.expect.metrics:
+        stage, _, rest = metric.partition(".")
+        group, _, layer = rest.partition(".")
+        if stage in stages and group in per_layer and layer and layer not in layers:
+            guess = did_you_mean(layer, sorted(layers))
+            found.error(("expect", "metrics", metric), f"the model has no layer `{layer}`",
+                        (guess + " " if guess else "") + "layers: " + ", ".join(sorted(layers)[:20]))

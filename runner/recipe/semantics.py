@@ -416,25 +416,6 @@ def check_expect(recipe, found: Findings) -> None:
                         f"`{metric}` is computed from", RUN_METRIC_HINTS.get(metric, "add an evaluate stage"))
 
 
-def check_expect_layers(recipe, model, found: Findings) -> None:
-    """`stage.layer_sparsity.fc9.weight` and the like name a layer of the dry-built model."""
-    if recipe.expect is None:
-        return
-    layers = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_modules() if name}
-    per_layer = ("layer_sparsity", "layer_sparsity_before", "layer_sparsity_after", "layer_bits", "distinct_values",
-                 "widths_before", "widths_after")
-    stages = {stage.name for stage in recipe.stages}
-    for metric in recipe.expect.metrics:
-        stage, _, rest = metric.partition(".")
-        group, _, layer = rest.partition(".")
-        if stage in stages and group in per_layer and layer and layer not in layers:
-            from runner.registry import did_you_mean
-
-            guess = did_you_mean(layer, sorted(layers))
-            found.error(("expect", "metrics", metric), f"the model has no layer `{layer}`",
-                        (guess + " " if guess else "") + "layers: " + ", ".join(sorted(layers)[:20]))
-
-
 # ---- the whole walk ----------------------------------------------------------------------------------
 
 
