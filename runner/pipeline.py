@@ -153,8 +153,7 @@ def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks, st
         console.print(f"[bold]run[/] {spec.name} ({spec.kind})")
         with ExitStack() as building:
             if ranks.is_zero:
-                building.enter_context(store.building_lock(step.fingerprint))
-                store.begin(step.fingerprint, spec.model_dump(mode="json"), resume=step.resume)
+                building.enter_context(store.build(step.fingerprint, spec.model_dump(mode="json"), resume=step.resume))
             seed = recipe.seed + step.index
             pl.seed_everything(seed, verbose=False)
             settings = recipe.trainer if spec.runs_on_every_rank else recipe.trainer.one_process()

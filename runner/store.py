@@ -110,12 +110,25 @@ class Store:
     # -- building and committing ---------------------------------------------------------------
     def begin(self, fingerprint: str, config: dict, resume: bool = True) -> Path:
         """The empty folder a stage is built in (keeping the checkpoints of an interrupted build of this
-        config if `resume`). The caller holds `building_lock(fingerprint)` until it commits."""
+        config if `resume`). The caller holds `building_lock(fingerprint)` until it commits (see `build`)."""
         self._check_root()
         folder = self.building(fingerprint)
         artifacts.reset(folder, fingerprint, resume=resume)
         write_json(folder / artifacts.CONFIG, config)  # names the stage in `nnopt store` while unfinished
         return folder
+
+    @contextlib.contextmanager
+    def build(self, fingerprint: str, config: dict, resume: bool = True):
+        """Hold this config's build lock and yield its build folder (`begin`). A build that stops with
+        nothing to resume from (no checkpoint, no DONE) is removed: only the checkpoints were worth keeping."""
+        with self.building_lock(fingerprint):
+            folder = self.begin(fingerprint, config, resume)
+            try:
+                yield folder
+            except BaseException:
+                if not artifacts.resume_points(folder, fingerprint) and not artifacts.is_done(folder, fingerprint):
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
 
     def commit(self, fingerprint: str, numbered: Path) -> Path:
         """Finish the build: DONE (last file written), rename it into the store, then point `numbered`

@@ -208,6 +208,7 @@ def test_a_failing_override_leaves_the_finished_stage_and_a_plain_rerun_reuses_i
     code, out, err = nnopt("run", path, "-O", out_dir, "-o", "stages.train.optimizer.lr=1e30")  # .inf is refused at validate now
     assert code == 1 and "stage `train` failed: the training loss is" in err
     assert plan_lines(out)["train"] == "run   train (train): config changed"
+    assert not list((run_dir / ".store" / ".building").iterdir())  # it failed before any checkpoint: nothing kept
     assert train_state(run_dir) == finished and load_model(run_dir / "01-train") is not None
 
     code, out, _ = nnopt("run", path, "-O", out_dir)
