@@ -294,3 +294,20 @@ def test_editing_the_code_or_the_weights_reruns_and_says_why(nnopt, tmp_path, tr
     project.rename(moved)  # the path of the weights is not in the fingerprint, their content is
     path = moved / "recipe.yaml"
     assert plan()[0] == "reuse train (train): finished artifact matches"
+
+
+@pytest.mark.slow
+def test_every_ddp_rank_imports_the_recipe_folder_and_starts_from_the_weights(tmp_path, trained):
+    from tests.test_distributed import run_cli
+
+    folder, _ = trained
+    (tmp_path / "relu_models.py").write_text(MODULE.format(act="ReLU"))
+    recipe = synthetic_recipe(epochs=1)
+    recipe["model"] = {"import": "relu_models:build", "args": {"hidden": 32}, "weights": str(folder)}
+    recipe["trainer"].update(strategy="ddp", devices=2)
+    recipe["stages"] = recipe["stages"][:1]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = run_cli("run", tmp_path / "recipe.yaml", "-O", tmp_path / "out")  # from nnopt's folder, not the recipe's
+    assert "loaded 4 of the model's 4 tensors from the stage folder" in flat(done.stdout)
+    digests = read_metrics(tmp_path / "out" / "tiny", "01-train")["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
