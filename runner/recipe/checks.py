@@ -131,7 +131,7 @@ def check_model(spec, source: Source) -> list[Issue]:
     """The architecture exists and takes the recipe's arguments; hub builders are never asked to download
     weights; a weights path exists. Nothing of the user's code is called."""
     from runner.imports import ImportFailed
-    from runner.models import MODELS, factory_of, hub_source
+    from runner.models import factory_of, hub_source
     from runner.models.hub import MissingPackage, argument_problems, hub_weight_args
     from runner.models.weights import layout_problem
 
