@@ -336,6 +336,11 @@ def test_learning_rates_are_finite(nnopt, write_recipe, lr):
     refused(nnopt, write_recipe, text, "stages[0].optimizer.lr", "finite number")
 
 
+def test_a_learning_rate_beyond_float32_is_refused(nnopt, write_recipe):
+    text = yaml.safe_dump(recipe_with(EVALUATE), sort_keys=False).replace("lr: 0.05", "lr: 1.0e+308")
+    refused(nnopt, write_recipe, text, "stages[0].optimizer.lr: learning rate 1e+308 is beyond what torch's optimizers")
+
+
 @pytest.mark.parametrize("field", ["data.name", "stages.0.kind", "model.args.huge_unknown"])
 def test_a_5_mb_value_is_cut_in_the_message(nnopt, write_recipe, field):
     huge = "x" * 5_000_000

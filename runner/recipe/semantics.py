@@ -15,6 +15,9 @@ from runner.recipe.locate import dotted
 from runner.recipe.source import Source
 
 MAX_STAGE_SEED = 2**32 - 1  # torch/numpy seeds are 32-bit; stage i runs with seed + i
+# torch's fused optimizer steps hold the rate as a float32 (at most 3.4e38); far below that, a rate that makes the
+# loss diverge is caught when it does, with its own message.
+MAX_LR = 1e30
 
 
 @dataclass
@@ -357,12 +360,16 @@ def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> Non
 
 
 def check_bounds(recipe, found: Findings) -> None:
-    """Seeds that stay valid for every stage, and thread counts this machine has."""
+    """Seeds that stay valid for every stage, learning rates torch can hold, and thread counts this machine has."""
     last = len(recipe.stages) - 1
     for path, seed in [(("seed",), recipe.seed)] + [(("seeds", k), s) for k, s in enumerate(recipe.seeds or [])]:
         if seed + last > MAX_STAGE_SEED:
             found.error(path, f"seed {seed} is too large: stage {last + 1} runs with seed + {last}, above the "
                         f"largest seed {MAX_STAGE_SEED}", f"use a seed of at most {MAX_STAGE_SEED - last}")
+    for path, block in _training_blocks(recipe):
+        if block.optimizer.lr > MAX_LR:
+            found.error(path + ("optimizer", "lr"), f"learning rate {block.optimizer.lr:g} is beyond what torch's "
+                        f"optimizers can hold (float32)", "usual rates are 1e-4 to 1")
     cores = os.cpu_count() or 1
     threads = [(("trainer", "threads"), recipe.trainer.threads)]
     threads += [(("stages", i, "threads"), getattr(stage, "threads", None)) for i, stage in enumerate(recipe.stages)]
