@@ -311,3 +311,19 @@ def test_every_ddp_rank_imports_the_recipe_folder_and_starts_from_the_weights(tm
     assert "loaded 4 of the model's 4 tensors from the stage folder" in flat(done.stdout)
     digests = read_metrics(tmp_path / "out" / "tiny", "01-train")["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_code_digests_cover_a_whole_user_package_and_no_installed_one(tmp_path):
+    from runner.provenance import changes, code_files, files_digest
+
+    package = tmp_path / "mypkg"
+    (package / "nets").mkdir(parents=True)
+    for name in ("__init__.py", "nets/__init__.py", "nets/small.py", "blocks.py"):
+        (package / name).write_text(f"# {name}\n")
+    before = files_digest(code_files("mypkg.nets.small:build", tmp_path))
+    assert sorted(before) == ["mypkg/__init__.py", "mypkg/blocks.py", "mypkg/nets/__init__.py", "mypkg/nets/small.py"]
+    (package / "blocks.py").write_text("# a block the factory uses, edited\n")
+    after = files_digest(code_files("mypkg.nets.small:build", tmp_path))
+    assert changes({"model": {"code": before}}, {"model": {"code": after}}) == ["model code changed (mypkg/blocks.py)"]
+    assert code_files("torchvision.models:resnet18", tmp_path) == {}  # a release, not the user's edits
+    assert code_files("torch.nn:Identity") == {}
