@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH_PAIR = ("torch==2.14.1", "torchvision==0.29.1")
 TORCH_VARIABLE = "NNOPT_TORCH"  # e.g. "torch==2.5.1 torchvision==0.20.1": another matching pair
 STAMP = ".nnopt-bootstrap"  # inside the venv: what the last set-up installed
+PIP_INSTALL = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
 
 
 def torch_pair() -> list[str]:
@@ -48,7 +49,7 @@ def set_up_steps(root: Path, env: Path, pair: list[str]) -> list[list[str]]:
     if stamp.is_file() and stamp.read_text() == wanted_stamp(root, pair):
         return []
     python = str(venv_bin(env) / "python")
-    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip = [python, *PIP_INSTALL]
     return [pip + ["--upgrade", "pip"], pip + pair, pip + ["-e", f"{root}[dev]"]]
 
 
@@ -62,8 +63,11 @@ def ensure_env(root: Path = ROOT, env: Path | None = None, echo=print) -> Path:
             echo(f"nnopt bootstrap: creating {env}")
             venv.EnvBuilder(with_pip=True).create(env)
         for step in steps:
-            echo("nnopt bootstrap: " + " ".join(step[step.index("install") + 1:]))
-            subprocess.run(step, check=True, cwd=root)
+            echo("nnopt bootstrap: pip install " + " ".join(step[1 + len(PIP_INSTALL):]))
+            # pip's own output (build-backend notices included) only when it fails: then it is the diagnosis
+            done = subprocess.run(step, cwd=root, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"nnopt bootstrap: pip failed (exit {done.returncode}):\n{done.stdout}{done.stderr}")
         (env / STAMP).write_text(wanted_stamp(root, pair))
     return venv_bin(env)
 
