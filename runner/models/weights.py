@@ -4,6 +4,7 @@ nnopt stage folder, read with weights_only=True and fitted onto the model with e
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,6 @@ def read_weights(path: Path) -> Weights:
     if problem:
         raise WeightsError(problem)
     if path.is_dir():
-        import json
-
         structure = json.loads((path / STAGE_STRUCTURE).read_text(encoding="utf-8"))
         state, _ = _state_of(_torch_load(path / STAGE_WEIGHTS), path / STAGE_WEIGHTS)
         return Weights(state, list(structure.get("transforms", [])), "stage folder")
