@@ -164,3 +164,33 @@ def test_unsupported_graphs_and_bad_targets_are_refused(nnopt, write_recipe, tmp
     everything["stages"] = [{"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.9}]
     _, err = run(nnopt, write_recipe, tmp_path / "e", everything, expect=1)
     assert "would remove every neuron of `fc1` (2 of 2)" in err
+
+
+def test_a_slimmed_resnet_quantizes_and_both_transforms_replay():
+    """channels, then int8 through FX: a fresh resnet20 replays both and loads the int8 state dict strictly."""
+    import io
+
+    from runner.compress import int8
+    from runner.models import MODELS
+    from runner.recipe.stages import PruneStage
+    from runner.slimming import prune_neurons
+    from runner.transforms import replay, transforms_of
+
+    torch.manual_seed(0)
+    example = torch.randn(8, 3, 16, 16)
+    spec = PruneStage(name="slim", kind="prune", granularity="neurons", sparsity=0.3)
+    slimmed = prune_neurons(spec, MODELS.get("resnet20")(width=8, num_classes=4).eval(), example,
+                            torch.Generator())["model"].eval()
+    prepared, layout = int8.prepare(slimmed, qat=False, weights="per_channel", example=example)
+    prepared(example)
+    quantized = int8.finish_static(int8.convert(prepared, example), slimmed, method="static_int8",
+                                   weights="per_channel", observer="minmax", layout=layout)
+    assert [t["kind"] for t in transforms_of(quantized)] == ["channels", "int8"]
+    saved = io.BytesIO()
+    torch.save(quantized.state_dict(), saved)
+    saved.seek(0)
+    fresh = replay(MODELS.get("resnet20")(width=8, num_classes=4), transforms_of(quantized))
+    fresh.load_state_dict(torch.load(saved, weights_only=True))
+    assert fresh.conv1.weight().shape[0] == slimmed.conv1.out_channels == 8 - round(0.3 * 8)
+    with torch.inference_mode():
+        assert torch.equal(fresh(example), quantized(example))
