@@ -1,4 +1,5 @@
-"""Model I/O below the stages: build, save, load, rebuild and replay models, from data alone (no pickled code).
+"""Model I/O below the stages: the initial model (with its trained weights), save, load, rebuild and replay
+models, from data alone (no pickled code).
 
 A saved model is its spec (registry name or import, arguments) plus the transforms stages recorded
 on it (runner.transforms) and a plain state dict. Loading builds the architecture from the spec,
@@ -9,6 +10,7 @@ model may name are imported here, explicitly, so that loading never needs the st
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -19,8 +21,10 @@ import runner.compress.sharing  # noqa: F401
 import runner.pruning  # noqa: F401
 import runner.slimming  # noqa: F401
 from runner.compress import packed
+from runner.errors import RecipeError
 from runner.files import read_json, write_atomic, write_json
 from runner.models import build_model
+from runner.models.weights import WeightsError, fit_weights, output_classes, read_weights
 from runner.transforms import replay, transforms_of
 
 MODEL_WEIGHTS = "model.pt"  # a plain state dict: loads with torch.load(weights_only=True)
@@ -72,3 +76,37 @@ def load_packed(path: Path) -> nn.Module:
 def write_packed(model: nn.Module, model_spec, path: Path) -> packed.Packed:
     """Write the compressed artifact of `model`; returns it (`.data`) with where its bytes went (`.breakdown`)."""
     return packed.write_packed(model, spec_data(model_spec), path)
+
+
+def initial_model(spec, data: Callable[[], Any]) -> tuple[nn.Module, str | None]:
+    """The model the pipeline's first stage starts from, and a line saying which weights it loaded.
+
+    The architecture, with `weights:` loaded if given (a stage folder's transforms, such as pruning masks,
+    replayed first so its state dict fits), checked to output one logit per class of `data()` (the data
+    contract of runner.data, built after the model so its initialisation draws the same random numbers)
+    before anything trains.
+    """
+    model, note = build_model(spec), None
+    path = spec.weights_path()
+    try:
+        if path is not None:
+            weights = read_weights(path)
+            if weights.transforms:
+                model = replay(model, weights.transforms)
+            note = f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
+        _check_classes(spec, output_classes(model, data().examples("test", 2)[0]), data().num_classes)
+    except WeightsError as error:
+        raise RecipeError([spec.issue(error.field, error.message, error.hint)]) from None
+    return model, note
+
+
+def _check_classes(spec, outputs: int, num_classes: int) -> None:
+    if outputs == num_classes:
+        return
+    message = f"the model outputs {outputs} classes, the data has {num_classes}"
+    if spec.weights is not None:
+        raise WeightsError(message + " (with these weights)", f"to train a new classifier head from these weights, "
+                           f"set `args: {{num_classes: {num_classes}}}` and `strict: false`")
+    field = ("args", "num_classes") if "num_classes" in spec.args else ("args",)
+    raise WeightsError(message, f"set `model.args.num_classes: {num_classes}` (or the argument the model takes "
+                       "for its number of outputs)", field=field)

@@ -20,7 +20,6 @@ from runner.errors import StageError
 from runner.files import read_json, write_json
 from runner.lightning.trainer import build_trainer
 from runner.lock import run_lock
-from runner.models import initial_model
 from runner.outcome import StageOutcome
 from runner.plan import PlannedStage, make_plan
 from runner.provenance import INPUTS
@@ -104,7 +103,7 @@ class _Models:
             loaded = _load_finished(self.pending, name) if self.ranks.is_zero else None
             self.current, self.pending = model_from_zero(self.ranks, self.recipe.model, loaded), None
         elif self.current is None:
-            self.current, loaded_weights = initial_model(self.recipe.model, self.data)
+            self.current, loaded_weights = modelio.initial_model(self.recipe.model, self.data)
             if loaded_weights:
                 self.console.print(loaded_weights)
         return self.current

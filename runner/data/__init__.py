@@ -57,4 +57,4 @@ def preflight(name: str) -> Callable:
     return add
 
 
-from runner.data import image_folder, mnist, synthetic, torchvision_sets  # noqa: E402,F401
+from runner.data import image_folder, mnist, synthetic, torchvision_roots, torchvision_sets  # noqa: E402,F401

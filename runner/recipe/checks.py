@@ -13,18 +13,11 @@ from pydantic import ConfigDict, ValidationError, create_model
 
 from runner.errors import Issue
 from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
-from runner.recipe.locate import dotted
+from runner.recipe.locate import dotted, located_issue
 from runner.recipe.references import check_stage_references
 from runner.recipe.schema import Recipe
 from runner.recipe.source import Source, shorten
 from runner.registry import Registry, UnknownName, did_you_mean
-
-
-def _issue(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
-    line, column = source.position(path)
-    if path in source.overridden:
-        hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
-    return Issue(source.file, line, column, shorten(dotted(path)), shorten(message, 400), hint)
 
 
 def _signature(factory: Callable) -> inspect.Signature | None:
@@ -65,7 +58,7 @@ def check_factory_args(source: Source, path: tuple, factory: Callable, args: dic
     required_positional = [name for name, p in signature.parameters.items()
                            if p.kind == p.POSITIONAL_ONLY and p.default is inspect.Parameter.empty]
     if required_positional:
-        return [_issue(source, path, f"the factory needs positional-only arguments ({', '.join(required_positional)}), "
+        return [located_issue(source, path, f"the factory needs positional-only arguments ({', '.join(required_positional)}), "
                        "which a recipe cannot pass", "wrap it in a function that takes keyword arguments")]
     try:
         _args_model(factory, signature).model_validate(args)
@@ -77,12 +70,12 @@ def check_factory_args(source: Source, path: tuple, factory: Callable, args: dic
             arg_path = path + tuple(error["loc"])
             if error["type"] == "extra_forbidden":
                 guess = did_you_mean(str(error["loc"][-1]), params)
-                issues.append(_issue(source, arg_path, f"unknown argument `{error['loc'][-1]}`",
+                issues.append(located_issue(source, arg_path, f"unknown argument `{error['loc'][-1]}`",
                                      (guess + " " if guess else "") + "arguments: " + ", ".join(params)))
             elif error["type"] == "missing":
-                issues.append(_issue(source, arg_path, f"missing required argument `{error['loc'][-1]}`"))
+                issues.append(located_issue(source, arg_path, f"missing required argument `{error['loc'][-1]}`"))
             else:
-                issues.append(_issue(source, arg_path, error["msg"]))
+                issues.append(located_issue(source, arg_path, error["msg"]))
         return issues
     return []
 
@@ -91,7 +84,7 @@ def _lookup(source: Source, path: tuple, registry: Registry, name: str) -> tuple
     try:
         return registry.get(name), []
     except UnknownName as err:
-        return None, [_issue(source, path, err.message, err.hint)]
+        return None, [located_issue(source, path, err.message, err.hint)]
 
 
 def check_names(source: Source) -> list[Issue]:
@@ -112,7 +105,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
     seen: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
         if stage.name in seen:
-            issues.append(_issue(source, ("stages", i, "name"), f"duplicate stage name `{stage.name}`",
+            issues.append(located_issue(source, ("stages", i, "name"), f"duplicate stage name `{stage.name}`",
                                  f"stage names must be unique; stages[{seen[stage.name]}] is already called that"))
         seen.setdefault(stage.name, i)
 
@@ -143,11 +136,11 @@ def check_model(spec, source: Source) -> list[Issue]:
         if hub_source(spec) is not None:  # hundreds of names: the closest, and where to list them all
             guess = did_you_mean(err.name, err.choices)
             hint = (guess + " " if guess else "") + f"{len(err.choices)} names: {hub_source(spec)}.models.list_models()"
-        return [_issue(source, ("model", source_field), err.message, hint)]
+        return [located_issue(source, ("model", source_field), err.message, hint)]
     except (ImportFailed, MissingPackage) as err:
-        return [_issue(source, ("model", source_field), err.message, err.hint)]
+        return [located_issue(source, ("model", source_field), err.message, err.hint)]
     if not callable(factory):
-        return [_issue(source, ("model", "import"), f"`{spec.import_}` is a {type(factory).__name__}, not a "
+        return [located_issue(source, ("model", "import"), f"`{spec.import_}` is a {type(factory).__name__}, not a "
                        "function or class that builds the model")]
 
     hub = hub_source(spec)
@@ -155,18 +148,18 @@ def check_model(spec, source: Source) -> list[Issue]:
         issues = check_factory_args(source, ("model", "args"), factory, spec.args)
     else:
         asked = hub_weight_args(hub, spec.args)
-        issues = [_issue(source, ("model", "args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
+        issues = [located_issue(source, ("model", "args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
                          "never downloads (machines without internet cannot, and the run's fingerprint could "
                          "not include them)", "save the weights once as a file (torch.save(model.state_dict(), "
                          "PATH)) and give `model.weights: PATH`") for arg in asked]
         if not issues:
-            issues = [_issue(source, ("model", "args") + ((arg,) if arg else ()), message, hint)
+            issues = [located_issue(source, ("model", "args") + ((arg,) if arg else ()), message, hint)
                       for arg, message, hint in argument_problems(factory, spec.args)]
     path = spec.weights_path()
     problem = layout_problem(path) if path is not None else None
     if problem:
         relative = not Path(spec.weights).expanduser().is_absolute()
-        issues.append(_issue(source, ("model", "weights"), problem,
+        issues.append(located_issue(source, ("model", "weights"), problem,
                              "a relative path is relative to the recipe file's folder" if relative else None))
     return issues
 
@@ -184,7 +177,7 @@ def check_data(spec, source: Source) -> list[Issue]:
         try:
             factory, issues = resolve(spec.import_, spec.recipe_dir), []
         except ImportFailed as err:
-            factory, issues = None, [_issue(source, ("data", "import"), err.message, err.hint)]
+            factory, issues = None, [located_issue(source, ("data", "import"), err.message, err.hint)]
     if factory is not None:
         found = check_factory_args(source, ("data", "args"), factory, spec.args)
         issues += found
@@ -192,13 +185,13 @@ def check_data(spec, source: Source) -> list[Issue]:
             try:
                 PREFLIGHT[spec.name](**spec.factory_args())
             except DataUnavailable as err:
-                issues.append(_issue(source, ("data", "args") + ((err.arg,) if err.arg else ()), err.message, err.hint))
+                issues.append(located_issue(source, ("data", "args") + ((err.arg,) if err.arg else ()), err.message, err.hint))
     for split in ("train", "eval"):
         for i, item in enumerate(getattr(spec.transforms, split)):
             try:
                 build_item(item)
             except TransformProblem as problem:
-                issues.append(_issue(source, ("data", "transforms", split, i) + problem.where, problem.message,
+                issues.append(located_issue(source, ("data", "transforms", split, i) + problem.where, problem.message,
                                      problem.hint))
     return issues
 
@@ -214,7 +207,7 @@ def _check_optional_packages(recipe: Recipe, source: Source) -> list[Issue]:
         if stage.kind == "export" and "onnx" in stage.formats:
             missing = missing_packages(("onnx", "onnxruntime"))
             if missing:
-                issues.append(_issue(source, ("stages", i, "formats"),
+                issues.append(located_issue(source, ("stages", i, "formats"),
                                      f"ONNX export needs {', '.join(f'`{m}`' for m in missing)}, which is not installed",
                                      "pip install 'nnopt[onnx]', or drop `onnx` from formats"))
     return issues
@@ -238,24 +231,24 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
     """Accelerator, strategy and precision combinations this machine and Lightning can run."""
     from runner.recipe.devices import problems, world_size
 
-    issues = [_issue(source, ("trainer", field), message, hint) for field, message, hint in problems(recipe.trainer)]
+    issues = [located_issue(source, ("trainer", field), message, hint) for field, message, hint in problems(recipe.trainer)]
     for path, block in _training_blocks(recipe):
         if block.trainer is None:
             continue
         own = block.trainer.model_dump(exclude_none=True)
-        issues += [_issue(source, path + ("trainer", field), message, hint)
+        issues += [located_issue(source, path + ("trainer", field), message, hint)
                    for field, message, hint in problems(recipe.trainer.with_override(block.trainer)) if field in own]
 
     processes = world_size(recipe.trainer)
     if processes > 1:
         for block, size in (("batch_size", recipe.data.batch_size), ("eval_batch_size", recipe.data.eval_batch_size)):
             if size % processes:
-                issues.append(_issue(source, ("data", block), f"{block} {size} is the global batch and does not split "
+                issues.append(located_issue(source, ("data", block), f"{block} {size} is the global batch and does not split "
                                      f"evenly over {processes} processes", f"use a multiple of {processes}"))
         for path, block in _training_blocks(recipe):
             for tuner in ("lr_finder", "batch_size_finder"):
                 if getattr(block, tuner) is not None:
-                    issues.append(_issue(source, path + (tuner,), f"Lightning's `{tuner}` runs in one process, "
+                    issues.append(located_issue(source, path + (tuner,), f"Lightning's `{tuner}` runs in one process, "
                                          f"but this recipe trains in {processes}",
                                          "find the value in a one-process run, then set it in the recipe"))
     return issues
@@ -264,7 +257,7 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
 def check_seeds(recipe: Recipe, source: Source) -> list[Issue]:
     # `--seeds` (an override) replaces the file's seed on purpose; in the file, both is ambiguous.
     if recipe.seeds is not None and "seed" in recipe.model_fields_set and ("seeds",) not in source.overridden:
-        return [_issue(source, ("seeds",), "give `seed` or `seeds`, not both",
+        return [located_issue(source, ("seeds",), "give `seed` or `seeds`, not both",
                        "`seeds: [0, 1, 2]` runs the recipe once per seed; `seed: 0` runs it once")]
     return []
 
@@ -291,15 +284,15 @@ def _metric_issue(source: Source, path: tuple, metric: str, stages: dict) -> Iss
         if metric in RUN_METRICS:
             return None
         guess = did_you_mean(metric, list(RUN_METRICS))
-        return _issue(source, path, f"unknown run metric `{metric}`", (guess + " " if guess else "") + "run metrics: "
+        return located_issue(source, path, f"unknown run metric `{metric}`", (guess + " " if guess else "") + "run metrics: "
                       + ", ".join(RUN_METRICS) + "; or name a stage's metric as `stage.metric`")
     if stage_name not in stages:
         guess = did_you_mean(stage_name, list(stages))
-        return _issue(source, path, f"`{metric}`: the recipe has no stage `{stage_name}`",
+        return located_issue(source, path, f"`{metric}`: the recipe has no stage `{stage_name}`",
                       (guess + " " if guess else "") + "stages: " + ", ".join(stages))
     patterns = stage_metric_patterns(stages[stage_name])
     if patterns is not None and not reports(patterns, stage_metric):
         guess = did_you_mean(stage_metric, [p for p in patterns if "*" not in p])
-        return _issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report `{stage_metric}`",
+        return located_issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report `{stage_metric}`",
                       (guess + " " if guess else "") + "it reports: " + ", ".join(patterns))
     return None

@@ -113,3 +113,11 @@ def issues_from_validation(err: ValidationError, source: Source, root: type[Base
 
 
 __all__ = ["issues_from_validation", "data_path", "dotted", "allowed_fields"]
+
+
+def located_issue(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
+    """An Issue at `path` of the recipe file, noting the override that set it, if one did."""
+    line, column = source.position(path)
+    if path in source.overridden:
+        hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
+    return Issue(source.file, line, column, shorten(dotted(path)), shorten(message, 400), hint)

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_
 from runner.errors import Issue
 from runner.recipe.base import PositiveInt, Slug, Spec
 from runner.recipe.expect import Expect
-from runner.recipe.locate import dotted
+from runner.recipe.locate import dotted, located_issue
 from runner.recipe.stages import Stage
 from runner.recipe.tracking import CallbackSpec, LoggerName
 from runner.recipe.training import Precision
@@ -68,9 +68,7 @@ class ModelSpec(FromRecipeFile):
         path = ("model",) + tuple(field)
         if self._source is None:
             return Issue("model spec", None, None, dotted(path), message, hint)
-        from runner.recipe.checks import _issue
-
-        return _issue(self._source, path, message, hint)
+        return located_issue(self._source, path, message, hint)
 
     def architecture(self) -> dict:
         """The spec as data that rebuilds the module tree: without the weights it started from
