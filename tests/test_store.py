@@ -271,7 +271,7 @@ def test_a_kill_during_the_commit_leaves_a_loadable_artifact(nnopt, write_recipe
 
 def test_a_same_name_recipe_from_another_file_is_refused_and_force_takes_over(nnopt, write_recipe, tmp_path):
     first = write_recipe(synthetic_recipe(epochs=1), "first.yaml")
-    second = write_recipe(synthetic_recipe(epochs=1, optimizer={"name": "sgd", "lr": 0.02}), "second.yaml")
+    second = write_recipe(synthetic_recipe(epochs=1, optimizer={"name": "sgd", "lr": 0.02, "momentum": 0.9}), "second.yaml")
     out_dir, run_dir = tmp_path / "out", tmp_path / "out" / "tiny"
     assert nnopt("run", first, "-O", out_dir)[0] == 0
     finished = train_state(run_dir)
