@@ -34,8 +34,8 @@ def test_half_the_neurons_of_lenet300_removed_then_finetuned(nnopt, write_recipe
     assert slim["latency_ms_b1"] > 0 and slim["latency_ms_b256_before"] > 0
     # the kept neurons are the largest by L2 norm of their weight row
     trained = load_model(run_dir / "01-train")
-    norms = trained.fc1.weight.detach().norm(dim=1)
-    assert norms.topk(150).values.min() > norms.topk(150, largest=False).values.max() - 1e-6
+    kept = trained.fc1.weight.detach().norm(dim=1).topk(150).indices.sort().values
+    assert torch.equal(load_model(run_dir / "02-slim").fc1.weight, trained.fc1.weight[kept])
     evaluate = read_metrics(run_dir, "04-evaluate")
     assert evaluate["test_acc"] > 0.8 and evaluate["params_total"] == slim["params_total"]
     model, example = load_model(run_dir / "04-evaluate"), torch.randn(7, 1, 28, 28)
@@ -194,3 +194,28 @@ def test_a_slimmed_resnet_quantizes_and_both_transforms_replay():
     assert fresh.conv1.weight().shape[0] == slimmed.conv1.out_channels == 8 - round(0.3 * 8)
     with torch.inference_mode():
         assert torch.equal(fresh(example), quantized(example))
+
+
+@pytest.mark.parametrize("norm, kept", [(None, [0, 1, 2]), ("l1", [0, 1, 2]), ("l2", [1, 3, 5])])
+def test_the_largest_rows_by_the_chosen_norm_stay(norm, kept):
+    """Rows whose l1 and l2 rankings disagree: the kept rows are exactly the largest by the chosen norm
+    (l1 when none is given), so keeping the smallest rows or mixing up the norms changes the selection."""
+    from runner.models.mlp import mlp
+    from runner.recipe.stages import PruneStage
+    from runner.slimming import prune_neurons
+
+    torch.manual_seed(0)
+    model = mlp(hidden=[6, 5], in_features=4, num_classes=3)
+    rows = torch.tensor([[1.0, 1.0, 1.0, 1.0],  # l1 4.0, l2 2.0
+                         [3.0, 0.0, 0.0, 0.0],  # l1 3.0, l2 3.0
+                         [0.9, 0.9, 0.9, 0.9],  # l1 3.6, l2 1.8
+                         [0.0, -2.5, 0.0, 0.0],  # l1 2.5, l2 2.5
+                         [0.1, 0.0, 0.0, 0.0],  # l1 0.1, l2 0.1
+                         [0.0, 0.0, 2.2, 0.0]])  # l1 2.2, l2 2.2
+    with torch.no_grad():
+        model.fc1.weight.copy_(rows)
+    fc2_before = model.fc2.weight.detach().clone()
+    spec = PruneStage(name="slim", kind="prune", granularity="neurons", sparsity={"fc1": 0.5}, norm=norm)
+    slimmed = prune_neurons(spec, model, torch.randn(8, 4), torch.Generator().manual_seed(0))["model"]
+    assert torch.equal(slimmed.fc1.weight, rows[kept])
+    assert torch.equal(slimmed.fc2.weight, fc2_before[:, kept])  # the next layer reads the same neurons
