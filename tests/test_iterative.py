@@ -55,8 +55,11 @@ def test_lottery_ticket_rewinds_survivors_to_theta0(nnopt, write_recipe, tmp_pat
 
 @pytest.mark.parametrize("control", [{"reinit": True}, {"rewind": {"steps": 5}}])
 def test_reinit_control_and_late_rewinding_start_rounds_elsewhere(nnopt, write_recipe, tmp_path, control):
+    """At lr 0 the round keeps what it started from: late rewinding must have restarted it from the dense
+    round's step-5 weights (recorded in rewind_point.pt), not from θ0 nor from the dense round's end."""
     recipe = with_iterative(rounds=1, fraction=0.5, rewind_lr=False, **control)
     recipe["stages"][1]["retrain"]["schedule"] = {"name": "linear"}
+    recipe["stages"][1]["retrain"]["allow_chance_accuracy"] = True  # a re-initialized net at lr 0 only guesses
     run_dir, _ = run(nnopt, write_recipe, tmp_path, recipe)
     theta0 = named_weights(load_model(run_dir / "01-train"))["fc1.weight"]
     survivors = named_weights(load_model(run_dir / "02-rounds"))["fc1.weight"]
@@ -65,6 +68,13 @@ def test_reinit_control_and_late_rewinding_start_rounds_elsewhere(nnopt, write_r
     assert not torch.equal(survivors[kept], theta0[kept])  # neither θ0 ...
     if "reinit" in control:  # ... and a fresh draw of the same initializer (same scale as θ0)
         assert survivors[kept].abs().max() <= 1 / 32 ** 0.5 + 1e-6
+        assert not (run_dir / "02-rounds" / "rewind_point.pt").exists()
+    else:  # ... but exactly the dense round's weights at step 5 under the mask
+        metrics = read_metrics(run_dir, "02-rounds")
+        assert metrics["rewind_step"] == 5 and metrics["dense"]["steps"] > 5
+        rewind_point = torch.load(run_dir / "02-rounds" / "rewind_point.pt")
+        assert not torch.equal(rewind_point["fc1.weight"], theta0)  # five steps moved it
+        assert torch.equal(survivors, rewind_point["fc1.weight"] * kept)
 
 
 @pytest.mark.parametrize("iterative, message", [

@@ -125,6 +125,8 @@ ALLOCATION = (
 ITERATIVE = (
     Metric("rounds.*", "per round: sparsity, per-layer sparsity and the retrain's fit metrics"),
     Metric("dense.*", "the dense round 0's fit metrics (with rewind or reinit)"),
+    Metric("rewind_step", "with rewind: the dense round's optimizer step whose weights (rewind_point.pt) every "
+                          "round restarts from (0: the stage's input weights)", "steps"),
 )
 
 QUANTIZE = (

@@ -6,6 +6,7 @@ import torch
 
 from runner import pruning
 from runner.errors import StageError
+from runner.files import write_atomic
 from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
 from runner.lightning.snapshot import WeightSnapshot
@@ -16,6 +17,7 @@ from runner.transforms import replay, transforms_of
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
+REWIND_POINT = "rewind_point.pt"  # with `rewind`: the weights every round restarts from
 _KEPT = ("train_loss", "val_loss", "val_acc", "steps", "final_lr", "fit_seconds", "distillation")
 
 
@@ -66,6 +68,9 @@ def run(spec, model, ctx: StageContext) -> StageResult:
             raise StageError(spec.name, f"the rewind point (step {snapshot.step}) lies after the dense round's "
                                         f"{metrics['dense']['steps']} steps", "rewind to an earlier point")
         rewind_to, last_lr = snapshot.weights, metrics["dense"]["final_lr"]
+        if spec.rewind is not None:  # kept so a ticket can be checked against (and studied from) its rewind point
+            metrics["rewind_step"] = snapshot.step
+            write_atomic(ctx.folder / REWIND_POINT, lambda handle: torch.save(rewind_to, handle))
 
     for round_index in range(1, spec.rounds + 1):
         targets = _next_targets(model, fractions, spec.scope)
