@@ -222,3 +222,51 @@ def test_freezing_batchnorm_stops_its_statistics(model, shape):
     prepared(example * 3 + 1)
     after = {k: v for k, v in prepared.state_dict().items() if "running_mean" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_qat_ranges_stop_moving_at_the_freeze_point():
+    """The fake quantizers' scales and zero points move while observers run and stay exactly fixed from
+    the freeze step on (the step the callback records could be right while the freeze itself did nothing)."""
+    import pytorch_lightning as pl
+    from torch.ao.quantization import FakeQuantize
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from runner.compress import int8
+    from runner.lightning.qat import FreezeQuantization
+    from runner.recipe.training import Moment
+
+    class Batches(pl.LightningDataModule):  # inputs that grow batch after batch: running ranges must follow
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(0)
+            inputs = torch.cat([torch.randn(4, 16, generator=generator) * (1 + i) for i in range(8)])
+            return DataLoader(TensorDataset(inputs, torch.randint(0, 3, (32,), generator=generator)), batch_size=4)
+
+    class Fit(pl.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class Ranges(pl.Callback):
+        def __init__(self):
+            self.after_step: list[list[torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.after_step.append([t.clone() for m in pl_module.model.modules() if isinstance(m, FakeQuantize)
+                                    for t in (m.scale, m.zero_point)])
+
+    torch.manual_seed(0)
+    prepared, _ = int8.prepare(mlp(hidden=[8], in_features=16, num_classes=3), qat=True, weights="per_tensor")
+    ranges, freeze = Ranges(), FreezeQuantization(Moment(steps=4), None)
+    trainer = pl.Trainer(max_steps=8, callbacks=[freeze, ranges], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(Fit(prepared), datamodule=Batches())
+    assert freeze.observers_frozen_at == 4 and len(ranges.after_step) == 8
+    same = [all(torch.equal(a, b) for a, b in zip(before, after))
+            for before, after in zip(ranges.after_step, ranges.after_step[1:])]
+    assert same == [False, False, False, True, True, True, True]  # steps 4..7 run with step 3's ranges
