@@ -155,6 +155,7 @@ def test_every_stage_writes_only_the_metrics_it_declares(nnopt, write_recipe, tm
         written = read_metrics(tmp_path / "tiny", f"{index + 1:02d}-{spec.name}")
         assert written, spec.name
         for metric, value in written.items():
-            names = [f"{metric}.{key}" for key in value] if isinstance(value, dict) else [metric]
+            keys = list(value) if isinstance(value, dict) else range(len(value)) if isinstance(value, list) else None
+            names = [metric] if keys is None else [f"{metric}.{key}" for key in keys]
             for name in names:
                 assert any(fnmatchcase(name, p) for p in patterns), (spec.kind, name)

@@ -71,12 +71,12 @@ def test_check_passes_when_every_figure_is_met(nnopt, write_recipe, tmp_path):
     assert "PASS" in out and "FAIL" not in out
 
 
-def test_a_metric_no_stage_produced_fails_with_a_reason(nnopt, write_recipe, tmp_path):
+def test_a_metric_no_stage_can_produce_is_refused_before_running(nnopt, write_recipe, tmp_path):
     # A known run metric, but it compares two latency measurements and this recipe times only once.
     recipe = recipe_with({"source": "x", "metrics": {"latency_ratio": {"at_most": 1}}})
     code, out, err = nnopt("run", write_recipe(recipe), "-O", tmp_path, "--check")
-    assert code == 3
-    assert "no stage produced `latency_ratio`" in out
+    assert code == 2 and not (tmp_path / "tiny").exists()
+    assert "expect.metrics.latency_ratio" in err and "only stage `evaluate` measures latency" in err
 
 
 @pytest.mark.parametrize("metrics, where, line_of, message", [
