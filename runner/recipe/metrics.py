@@ -133,6 +133,10 @@ QUANTIZE = (
     Metric("val_acc_before", "validation accuracy before quantizing", "fraction"),
     Metric("val_acc", "validation accuracy after quantizing", "fraction"),
     Metric("val_acc_drop", "val_acc_before - val_acc", "fraction"),
+    Metric("zeros_new", "weights nonzero in the stage's input that are exactly zero once quantized (small "
+                        "survivors rounding to 0; they add to the pruned zeros)"),
+    Metric("zeros_lost", "weights zero in the stage's input (pruned) that are nonzero once quantized: 0 unless "
+                         "quantizing broke the sparsity"),
     Metric("packed_breakdown.*", "where the compressed artifact's bytes go: total, per stream (header, positions, "
                                  "values, tables, biases, codebooks, floats) and per layer (those, kept entries, bits "
                                  "per kept entry, the paper's sparse Huffman form's bytes)", "B"),

@@ -11,7 +11,7 @@ from runner.errors import StageError
 from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
 from runner.lightning.qat import FreezeQuantization
-from runner.measure import accuracy, dense_fp32_bytes, named_tensors, serialized_bytes
+from runner.measure import accuracy, dense_fp32_bytes, named_tensors, named_weights, serialized_bytes
 from runner.modelio import write_packed
 from runner.recipe.stages import DynamicInt8, QatInt8, StaticInt8, WeightSharing
 from runner.stages import STAGES
@@ -118,13 +118,25 @@ def _weight_sharing(spec: WeightSharing, model, ctx: StageContext):
 METHODS = {DynamicInt8: _dynamic, StaticInt8: _static, QatInt8: _qat, WeightSharing: _weight_sharing}
 
 
+def _zeros_moved(before: dict[str, torch.Tensor], quantized) -> dict[str, int]:
+    """Weights that quantizing zeroed and zeros it lost, counted over the weights both models hold by name
+    and shape (a BatchNorm folded into its conv still maps a zero to a zero)."""
+    after = named_weights(quantized)
+    shared = [name for name in before if name.endswith("weight") and name in after
+              and before[name].shape == after[name].shape]
+    return {"zeros_new": sum(int(((before[n] != 0) & (after[n] == 0)).sum()) for n in shared),
+            "zeros_lost": sum(int(((before[n] == 0) & (after[n] != 0)).sum()) for n in shared)}
+
+
 @STAGES.register("quantize")
 def run(spec, model, ctx: StageContext) -> StageResult:
     model.eval()
     val = ctx.data().val_dataloader()
     before = accuracy(model, val)
+    float_weights = {name: weight.clone() for name, weight in named_weights(model).items()}
     try:
         quantized, metrics = METHODS[type(spec)](spec, model, ctx)
+        metrics.update(_zeros_moved(float_weights, quantized))
     except int8.UnsupportedModel as err:
         raise StageError(spec.name, f"{spec.method} cannot quantize this model: {err}",
                          "dynamic_int8 needs no int8 kernel for other layers; static int8 and QAT trace the "
