@@ -70,6 +70,11 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recip
         # Both ranks ended training with the model rank 0 saved, pruning masks included.
         assert ddp["rank_digests"] == [state_digest(load_model(two / stage))] * 2
         assert "rank_digests" not in single
+        # Each rank trained on its own half of every epoch: no example on both, together the whole set.
+        epochs = {"01-train": 2, "03-finetune": 1}[stage]
+        assert ddp["rank_examples"] == [{"epoch": epoch, "per_rank": [256, 256], "shared": 0, "distinct": 512}
+                                        for epoch in range(epochs)]
+        assert "rank_examples" not in single
     assert any(name.endswith("mask") for name in torch.load(two / "03-finetune" / "model.pt", weights_only=True))
     gradual = [read_metrics(run, "01-train")["gradual_pruning"] for run in (one, two)]
     assert gradual[1]["pruned_at_steps"] == gradual[0]["pruned_at_steps"]  # the same schedule, the same sparsities

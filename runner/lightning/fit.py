@@ -20,6 +20,7 @@ from runner.lightning.gradual import GradualPruning
 from runner.lightning.keep import KeepBest
 from runner.lightning.module import ClassifierModule, NonFiniteLoss
 from runner.lightning.resume import prepare_resume
+from runner.lightning.shards import RankExamples
 from runner.lightning.teacher import Teacher
 from runner.lightning.trainer import fitted_model
 
@@ -62,6 +63,8 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
         es = spec.early_stopping
         callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
                                        patience=es.patience, min_delta=es.min_delta))
+    shards = RankExamples()  # records nothing in a one-process fit
+    callbacks.append(shards)
     trainer = ctx.build_trainer(
         callbacks=callbacks,
         override=spec.trainer,
@@ -108,6 +111,8 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     metrics.update(epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=round(wall, 3),
                    samples_per_second=round(samples / wall, 1) if wall > 0 else None,
                    final_lr=trainer.optimizers[0].param_groups[0]["lr"])
+    if shards.summary is not None:
+        metrics["rank_examples"] = shards.summary
     if checkpoint is not None:
         metrics["resumed"] = True  # fit_seconds and samples_per_second cover the resumed part only
     if gradual is not None:

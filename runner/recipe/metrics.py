@@ -45,6 +45,8 @@ FIT = (
     Metric("batch_size_found", "batch size the batch-size finder chose"),
     Metric("resumed", "true when the fit continued from a checkpoint"),
     Metric("rank_digests", "state digest per rank after a multi-process fit"),
+    Metric("rank_examples", "per epoch of a multi-process fit: examples each rank trained on, examples two ranks "
+                            "shared (0: disjoint shards) and distinct examples over all ranks"),
     Metric("gradual_pruning.*", "gradual pruning: sparsity reached, per layer and at each pruning step"),
     Metric("lr_finder.*", "LR finder: steps it ran and steps asked (its curve: lr_finder.json, lr_finder.png)"),
     Metric("kept.*", "keep: best: the epoch whose weights the stage handed on, and its monitored value"),
