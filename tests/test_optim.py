@@ -52,3 +52,17 @@ def test_optimizer_class_and_hyperparameters_reach_torch(optimizer, torch_class,
     group = built.param_groups[0]
     assert type(built) is torch_class and group["lr"] == 0.02 and group["foreach"] is True
     assert {key: group[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_label_smoothing_mixes_the_uniform_target_into_the_loss(smoothing):
+    """(1 - eps) * (-log p_y) + eps * mean_k(-log p_k), computed by hand for fixed logits."""
+    from runner.lightning.objective import build_objective
+
+    logits, labels = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]]), torch.tensor([0, 2])
+    log_p = logits.log_softmax(dim=1)
+    expected = ((1 - smoothing) * -log_p[[0, 1], labels] + smoothing * -log_p.mean(dim=1)).mean()
+    loss = build_objective(spec.CrossEntropy(name="cross_entropy", label_smoothing=smoothing), 3)(logits, labels)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    if smoothing:  # and the loss really moved: these logits are confident and mostly right
+        assert float(loss) > float(build_objective(spec.CrossEntropy(name="cross_entropy"), 3)(logits, labels))
