@@ -66,3 +66,27 @@ def test_label_smoothing_mixes_the_uniform_target_into_the_loss(smoothing):
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     if smoothing:  # and the loss really moved: these logits are confident and mostly right
         assert float(loss) > float(build_objective(spec.CrossEntropy(name="cross_entropy"), 3)(logits, labels))
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_gradient_clip_bounds_the_update(nnopt, write_recipe, tmp_path, clip):
+    """One plain SGD step at lr 1 moves the weights by exactly the (clipped) gradient: with
+    `gradient_clip: 1e-3` the whole update's norm is at most 1e-3; without it, far more. The starting
+    weights are the model the run builds: the same architecture drawn right after seeding."""
+    import pytorch_lightning as pl
+
+    from runner.measure import named_weights
+    from runner.modelio import load_model
+    from runner.models.mlp import mlp
+    from tests.conftest import synthetic_recipe
+
+    recipe = synthetic_recipe(steps=1, epochs=None, allow_chance_accuracy=True,
+                              optimizer={"name": "sgd", "lr": 1.0}, **({"gradient_clip": clip} if clip else {}))
+    recipe["stages"].pop()  # no evaluate
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    trained = named_weights(load_model(tmp_path / recipe["name"] / "01-train"))
+    pl.seed_everything(recipe["seed"])
+    start = named_weights(mlp(hidden=[32], in_features=32))
+    update = float(torch.cat([(trained[name] - start[name]).flatten() for name in start]).norm())
+    assert update <= 1e-3 * (1 + 1e-4) if clip else update > 0.05
