@@ -133,7 +133,8 @@ def test_run_report_has_layers_and_plots(nnopt, write_recipe, tmp_path):
     assert set(report["layers"]["layer_sparsity"]) == {"fc1.weight", "fc2.weight"}
     assert report["run_metrics"]["weights_kept"] == 1.0
     assert [s["name"] for s in report["stages"]] == ["train", "evaluate"]
-    assert report["plots"] == ["plots/01-train-curves.png", "plots/layer_sparsity.png"]
+    # A dense model: no all-zero sparsity plot, but the curves and the pipeline-wide view.
+    assert report["plots"] == ["plots/01-train-curves.png", "plots/pipeline.png"]
     for plot in report["plots"]:
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (run_dir / "report.md").read_text()
