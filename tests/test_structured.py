@@ -50,7 +50,7 @@ def test_half_the_neurons_of_lenet300_removed_then_finetuned(nnopt, write_recipe
 def test_slimming_matches_the_masked_model(nnopt, write_recipe, tmp_path, model, shape):
     """BatchNorm shrinks along; a removed neuron's constant output (sigmoid(0), BN's shift) is folded into
     the next layer's bias; conv channels feeding a Linear through Flatten remove whole column blocks."""
-    recipe = synthetic_recipe(epochs=1)
+    recipe = synthetic_recipe(epochs=1, allow_chance_accuracy=True)  # one short epoch: parity is the point here
     recipe["model"] = model
     recipe["data"]["args"].update(shape=shape, num_train=256, num_test=64)  # 64: the probe batch it times
     recipe["stages"].insert(1, {"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.4,
