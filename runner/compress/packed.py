@@ -345,14 +345,23 @@ class Packed:
     breakdown: dict  # bytes per stream (header, positions, values, tables, biases, codebooks, floats) and per layer
 
 
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
 def pack(model: nn.Module, model_spec: dict) -> Packed:
     """The compressed artifact of `model` and where its bytes go."""
     streams = _Streams()
     state = model.state_dict()
     entries = {name: _encode_value(streams, name, value, state) for name, value in state.items()}
     header = bytearray()
-    _dump({"model": model_spec, "transforms": transforms_of(model), "versions": _versions(state), "entries": entries},
-          header)
+    # The spec's keys sorted: the same model packs to the same bytes however its recipe ordered them.
+    _dump({"model": _sorted_keys(model_spec), "transforms": transforms_of(model), "versions": _versions(state),
+           "entries": entries}, header)
     header = _deflate(bytes(header))
     data = MAGIC + _varint(len(header)) + header + b"".join(streams.parts)
     return Packed(data, _breakdown(len(data) - sum(map(len, streams.parts)), streams))
