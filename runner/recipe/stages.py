@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, model_validator
 
 import runner.recipe.metrics as declared
-from runner.recipe import states
+import runner.recipe.states as states
 from runner.recipe.base import Fraction, PositiveFloat, PositiveInt, Sparsity, Spec, StageName, tag_values
 from runner.recipe.tracking import Keep
 from runner.recipe.training import (
@@ -144,8 +144,8 @@ class PruneStage(Spec):
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
     parity_tolerance: PositiveFloat = 1e-4  # neurons: max |slimmed - masked| output difference allowed
     allow_empty_layers: bool = False  # true: a layer may lose every weight (the network is then cut; meant for studies)
-    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
     allocation: Allocation | None = None  # scope auto: where the scan comes from, per-layer bounds
+    model_accepts: ClassVar[frozenset[str]] = states.WEIGHTS_CHANGE
 
     def declared_metrics(self) -> tuple[declared.Metric, ...]:
         if self.granularity == "neurons":
