@@ -79,6 +79,9 @@ def _distilled_recipe(epochs: int = 3, **distillation) -> dict:
                 "distillation": {"teacher": "train", "temperature": 3.0, "alpha": 0.8, **distillation}}
     recipe["stages"] = [recipe["stages"][0], {"name": "prune", "kind": "prune", "sparsity": 0.8}, finetune]
     recipe["trainer"]["checkpoint"] = {"every_n_steps": 4}
+    # Sums round by the thread count: the in-process straight run (whose process earlier tests may have set
+    # to one thread) and the SIGKILL'd subprocess must use the same one.
+    recipe["trainer"]["threads"] = 1
     return recipe
 
 
@@ -143,7 +146,7 @@ def test_a_distilled_fit_resumes_exactly_after_an_interruption(nnopt, write_reci
 
 @pytest.mark.slow
 def test_a_distilled_fit_killed_with_sigkill_resumes_exactly(write_recipe, tmp_path, straight):
-    path = write_recipe(_distilled_recipe())  # as the straight run, thread count included (sums round by it)
+    path = write_recipe(_distilled_recipe())  # exactly the straight run's recipe
     victim = nnopt_process(path, tmp_path)
     position = building_folder(tmp_path / "tiny", path, index=2) / "checkpoint" / "last.json"
     while victim.poll() is None:
