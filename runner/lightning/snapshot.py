@@ -29,8 +29,10 @@ class WeightSnapshot(Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"weights": self.weights}
+        # The step too: a resumed fit that had already finished never reaches on_train_start to resolve it.
+        return {"weights": self.weights, "step": self.step}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.weights = state_dict["weights"]
+        self.step = state_dict.get("step")
