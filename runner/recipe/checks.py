@@ -16,6 +16,7 @@ from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
 from runner.recipe.locate import dotted, located_issue
 from runner.recipe.references import check_stage_references
 from runner.recipe.schema import Recipe
+from runner.recipe.semantics import training_blocks
 from runner.recipe.source import Source, shorten
 from runner.registry import Registry, UnknownName, did_you_mean
 
@@ -213,26 +214,12 @@ def _check_optional_packages(recipe: Recipe, source: Source) -> list[Issue]:
     return issues
 
 
-def _training_blocks(recipe: Recipe):
-    """(path, Training spec) for every stage that trains and every training block inside a stage
-    (iterative_prune's `retrain`, weight sharing's `finetune`)."""
-    from runner.recipe.stages import Training
-
-    for i, stage in enumerate(recipe.stages):
-        if isinstance(stage, Training):
-            yield ("stages", i), stage
-        for field in type(stage).model_fields:
-            value = getattr(stage, field)
-            if isinstance(value, Training):
-                yield ("stages", i, field), value
-
-
 def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
     """Accelerator, strategy and precision combinations this machine and Lightning can run."""
     from runner.recipe.devices import problems, world_size
 
     issues = [located_issue(source, ("trainer", field), message, hint) for field, message, hint in problems(recipe.trainer)]
-    for path, block in _training_blocks(recipe):
+    for path, block in training_blocks(recipe):
         if block.trainer is None:
             continue
         own = block.trainer.model_dump(exclude_none=True)
@@ -245,7 +232,7 @@ def _check_trainer(recipe: Recipe, source: Source) -> list[Issue]:
             if size % processes:
                 issues.append(located_issue(source, ("data", block), f"{block} {size} is the global batch and does not split "
                                      f"evenly over {processes} processes", f"use a multiple of {processes}"))
-        for path, block in _training_blocks(recipe):
+        for path, block in training_blocks(recipe):
             for tuner in ("lr_finder", "batch_size_finder"):
                 if getattr(block, tuner) is not None:
                     issues.append(located_issue(source, path + (tuner,), f"Lightning's `{tuner}` runs in one process, "
@@ -291,7 +278,7 @@ def _metric_issue(source: Source, path: tuple, metric: str, stages: dict) -> Iss
         return located_issue(source, path, f"`{metric}`: the recipe has no stage `{stage_name}`",
                       (guess + " " if guess else "") + "stages: " + ", ".join(stages))
     patterns = stage_metric_patterns(stages[stage_name])
-    if patterns is not None and not reports(patterns, stage_metric):
+    if not reports(patterns, stage_metric):
         guess = did_you_mean(stage_metric, [p for p in patterns if "*" not in p])
         return located_issue(source, path, f"stage `{stage_name}` ({stages[stage_name].kind}) does not report `{stage_metric}`",
                       (guess + " " if guess else "") + "it reports: " + ", ".join(patterns))

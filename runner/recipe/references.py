@@ -5,26 +5,16 @@ from __future__ import annotations
 
 from runner.errors import Issue
 from runner.recipe.locate import dotted
+from runner.recipe.semantics import training_blocks_of
 from runner.registry import did_you_mean
-
-
-def _training_blocks(stage):
-    """The stage itself when it trains, and every training block inside it (a retrain, a finetune): the specs
-    with a `distillation` field."""
-    if "distillation" in type(stage).model_fields:
-        yield (), stage
-    for field in type(stage).model_fields:
-        inner = getattr(stage, field)
-        if hasattr(type(inner), "model_fields") and "distillation" in type(inner).model_fields:
-            yield (field,), inner
 
 
 def stage_references(recipe):
     """(path, named stage, kind it must have or None) for each field of the recipe naming another stage."""
     for i, stage in enumerate(recipe.stages):
-        for inner, block in _training_blocks(stage):
+        for path, block in training_blocks_of(stage, i):
             if block.distillation is not None:
-                yield ("stages", i) + inner + ("distillation", "teacher"), block.distillation.teacher, None
+                yield path + ("distillation", "teacher"), block.distillation.teacher, None
         allocation = getattr(stage, "allocation", None)
         if allocation is not None and allocation.sensitivity is not None:
             yield ("stages", i, "allocation", "sensitivity"), allocation.sensitivity, "sensitivity"

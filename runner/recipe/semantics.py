@@ -150,7 +150,7 @@ def check_data_sizes(recipe, facts: DataFacts, found: Findings) -> dict[str, int
     if isinstance(classes, int) and classes < 2:
         found.error(("data", "args", "num_classes") if "num_classes" in data.args else ("data",),
                     f"the data has {classes} class{'es' if classes != 1 else ''}: a classifier needs at least 2")
-    trains = any(_training_blocks(recipe))
+    trains = any(training_blocks(recipe))
     if trains and 0 < used["train"] < data.batch_size:
         found.error(("data", "batch_size"), f"batch_size {data.batch_size} is above the {used['train']} training "
                     "examples: every step would see the whole set and the throughput figures would count "
@@ -181,7 +181,7 @@ class Length:
         return round(moment.fraction * self.total)
 
 
-def _training_blocks_of(stage, index: int):
+def training_blocks_of(stage, index: int):
     """(path, Training spec) for a stage that trains and for each training block inside a stage."""
     from runner.recipe.stages import Training
 
@@ -193,9 +193,11 @@ def _training_blocks_of(stage, index: int):
             yield ("stages", index, name), value
 
 
-def _training_blocks(recipe):
+def training_blocks(recipe):
+    """(path, Training spec) for every stage that trains and every training block inside a stage
+    (iterative_prune's `retrain`, weight sharing's `finetune`)."""
     for index, stage in enumerate(recipe.stages):
-        yield from _training_blocks_of(stage, index)
+        yield from training_blocks_of(stage, index)
 
 
 def stage_length(recipe, block, train_examples: int | None) -> Length | None:
@@ -335,7 +337,7 @@ def check_window_in_own_unit(path: tuple, block, found: Findings) -> None:
 def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> None:
     train_examples = used["train"] if used else None
     for i, stage in enumerate(recipe.stages):
-        for path, block in _training_blocks_of(stage, i):
+        for path, block in training_blocks_of(stage, i):
             length = stage_length(recipe, block, train_examples)
             check_schedule(path, block, length, found)
             if length is not None:
@@ -366,7 +368,7 @@ def check_bounds(recipe, found: Findings) -> None:
         if seed + last > MAX_STAGE_SEED:
             found.error(path, f"seed {seed} is too large: stage {last + 1} runs with seed + {last}, above the "
                         f"largest seed {MAX_STAGE_SEED}", f"use a seed of at most {MAX_STAGE_SEED - last}")
-    for path, block in _training_blocks(recipe):
+    for path, block in training_blocks(recipe):
         if block.optimizer.lr > MAX_LR:
             found.error(path + ("optimizer", "lr"), f"learning rate {block.optimizer.lr:g} is beyond what torch's "
                         f"optimizers can hold (float32)", "usual rates are 1e-4 to 1")
