@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,13 @@ def building_folder(recipe_output: Path, recipe_file: Path, index: int = 0) -> P
 
 def read_metrics(run_dir: Path, folder: str) -> dict:
     return json.loads((run_dir / folder / "metrics.json").read_text())
+
+
+def kill_at_step(victim: subprocess.Popen, position: Path, step: int) -> None:
+    """SIGKILL `victim` (an `nnopt run` process) once its checkpoint position file reaches `step`."""
+    while victim.poll() is None:
+        if position.is_file() and json.loads(position.read_text())["step"] >= step:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert victim.wait() == -signal.SIGKILL, victim.stdout.read()

@@ -3,13 +3,10 @@ per-split transforms, loader settings, rank sharding and exact resume on the str
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from runner.data.build import build_data
 from runner.data.make_image_folder import SHAPES, make_image_folder
 from runner.data.streaming import StreamingBatches, augmentation_seed
 from runner.recipe import load_recipe
-from tests.conftest import building_folder, read_metrics
+from tests.conftest import building_folder, kill_at_step, read_metrics
 from tests.test_resume import interrupt_after_checkpoint, timing
 from tests.test_validation import assert_clean_error
 
@@ -312,12 +309,7 @@ def test_sigkill_of_a_streaming_fit_then_rerun_matches_an_uninterrupted_run(writ
     straight = nnopt_process(tmp_path / "straight")
     victim = nnopt_process(tmp_path / "killed")
     position = building_folder(tmp_path / "killed" / "shapes", path) / "checkpoint" / "last.json"
-    while victim.poll() is None:
-        if position.is_file() and json.loads(position.read_text())["step"] >= 12:  # into the second epoch
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert victim.wait() == -signal.SIGKILL, victim.stdout.read()
+    kill_at_step(victim, position, 12)  # into the second epoch
     resumed = nnopt_process(tmp_path / "killed")
     out = resumed.communicate()[0]
     assert resumed.returncode == 0 and "train (train): unfinished: resumes from its last checkpoint at step" in out, out

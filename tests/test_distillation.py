@@ -3,10 +3,7 @@ gradients, its cost reported, exact resume with a teacher, and a missing teacher
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import time
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from runner.lightning.objective import build_objective, distillation_loss
 from runner.lightning.resume import ResumePoints
 from runner.lightning.teacher import Teacher
 from runner.recipe.training import CrossEntropy, Distillation
-from tests.conftest import building_folder, read_metrics, synthetic_recipe
+from tests.conftest import building_folder, kill_at_step, read_metrics, synthetic_recipe
 from tests.test_resume import nnopt_process, timing
 
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
@@ -149,12 +146,7 @@ def test_a_distilled_fit_killed_with_sigkill_resumes_exactly(write_recipe, tmp_p
     path = write_recipe(_distilled_recipe())  # exactly the straight run's recipe
     victim = nnopt_process(path, tmp_path)
     position = building_folder(tmp_path / "tiny", path, index=2) / "checkpoint" / "last.json"
-    while victim.poll() is None:
-        if position.is_file() and json.loads(position.read_text())["step"] >= 20:  # the finetune's second epoch
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert victim.wait() == -signal.SIGKILL, victim.stdout.read()
+    kill_at_step(victim, position, 20)  # the finetune's second epoch
     resumed = nnopt_process(path, tmp_path)
     out = resumed.communicate()[0]
     assert resumed.returncode == 0, out

@@ -3,11 +3,8 @@ to a run that was never interrupted."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ import yaml
 
 from runner.cli import main
 from runner.lightning.resume import ResumePoints
-from tests.conftest import building_folder, mnist_recipe, read_metrics, synthetic_recipe
+from tests.conftest import building_folder, kill_at_step, mnist_recipe, read_metrics, synthetic_recipe
 
 TIMING = {"fit_seconds", "samples_per_second", "resumed"}
 
@@ -228,12 +225,7 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(write_reci
     victim = nnopt_process(path, tmp_path / "killed")
     stage = tmp_path / "killed" / "mnist_small" / "01-train"
     position = building_folder(tmp_path / "killed" / "mnist_small", path) / "checkpoint" / "last.json"
-    while victim.poll() is None:
-        if position.is_file() and json.loads(position.read_text())["step"] >= 70:  # into the second epoch
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert victim.wait() == -signal.SIGKILL, victim.stdout.read()
+    kill_at_step(victim, position, 70)  # into the second epoch
     assert not (stage / "DONE").exists()
 
     resumed = nnopt_process(path, tmp_path / "killed")
