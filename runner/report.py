@@ -105,8 +105,8 @@ def _chosen_lines(outcomes: list[StageOutcome]) -> list[str]:
               if isinstance(o.metrics.get("allocation"), dict) and "reproduce" in o.metrics["allocation"]]
     if not chosen:
         return []
-    return (["## Chosen automatically", "", "Put these fields in the stage (without `allocation`) to reproduce "
-             "the choice without a scan:", ""] + [f"- `{name}`: `{text}`" for name, text in chosen] + [""])
+    return (["## Chosen automatically", "", "Put these fields in the stage (without the budget that chose "
+             "them: `allocation`, `max_accuracy_drop`) to reproduce the choice without a search:", ""] + [f"- `{name}`: `{text}`" for name, text in chosen] + [""])
 
 
 def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: str, finished: str) -> list[Verdict]:

@@ -137,10 +137,14 @@ def is_chain(model: nn.Module) -> bool:
     return all(isinstance(module, nn.Sequential) for module in model.modules() if any(True for _ in module.children()))
 
 
-def _graph_mapping(weights: str, observer: str, qat: bool) -> tq.QConfigMapping:
-    """Our qconfig everywhere, except the ops whose int8 output range torch fixes (sigmoid, tanh, softmax)."""
+def _graph_mapping(weights: str, observer: str, qat: bool, skip: tuple[str, ...] = ()) -> tq.QConfigMapping:
+    """Our qconfig everywhere, except the ops whose int8 output range torch fixes (sigmoid, tanh, softmax),
+    and none for the layers in `skip`: FX leaves them in float with a dequantize before and a quantize after."""
     defaults = tq.get_default_qat_qconfig_mapping if qat else tq.get_default_qconfig_mapping
-    return defaults(ENGINE).set_global(_qconfig(weights, observer, qat))
+    mapping = defaults(ENGINE).set_global(_qconfig(weights, observer, qat))
+    for name in skip:
+        mapping.set_module_name(name, None)
+    return mapping
 
 
 def _first_line(err: Exception) -> str:
@@ -148,11 +152,12 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _prepare_graph(model: nn.Module, example_shape: list[int], *, qat: bool, weights: str, observer: str) -> nn.Module:
+def _prepare_graph(model: nn.Module, example_shape: list[int], *, qat: bool, weights: str, observer: str,
+                   skip: tuple[str, ...] = ()) -> nn.Module:
     model.train(qat)
     prepare = quantize_fx.prepare_qat_fx if qat else quantize_fx.prepare_fx
     try:
-        return prepare(model, _graph_mapping(weights, observer, qat), (torch.zeros(example_shape),))
+        return prepare(model, _graph_mapping(weights, observer, qat, skip), (torch.zeros(example_shape),))
     except Exception as err:  # noqa: BLE001 - FX fails in many ways on code it cannot trace; the user needs why
         raise UnsupportedModel(f"FX cannot trace the model ({type(err).__name__}: {_first_line(err)}); "
                                "a forward() that branches on tensor values cannot be quantized statically") from None
@@ -173,25 +178,39 @@ def _prepare_eager(model: nn.Module, *, qat: bool, weights: str, observer: str,
     return (tq.prepare_qat if qat else tq.prepare)(wrapped), groups
 
 
+def quantizable_layers(model: nn.Module, method: str) -> list[str]:
+    """Names of the layers `method` stores in int8, which `skip` may leave in float: Linear (and LSTM) for
+    dynamic int8, Linear and Conv for static int8."""
+    kinds = (nn.Linear, nn.LSTM) if method == "dynamic_int8" else (nn.Linear, nn.Conv1d, nn.Conv2d)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
 def prepare(model: nn.Module, *, qat: bool, weights: str, observer: str = "minmax",
-            example: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+            example: torch.Tensor | None = None, skip: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
     """A copy of `model` fused, with observers (or fake quantizers) inserted, and its layout: how replay
     rebuilds the same module tree (`groups` fused on the eager path; for FX, the shape of `example`, an
-    input batch that only graphs other than chains need).
+    input batch that only graphs other than chains need, and the layers left in float).
+
+    Layers in `skip` stay in float (mixed precision). Only FX places the dequantize/quantize pairs around
+    them, so a chain with `skip` is traced too.
 
     For QAT, pruning masks move onto the fake-quantized weights, so the fine-tune keeps the zeros.
     """
     torch.backends.quantized.engine = ENGINE
     masks = {name: pruning.current_mask(model, name) for name in pruning.masked_names(model)}
     baked = bake_parametrizations(copy.deepcopy(model))
-    if is_chain(baked):  # baked: a masked layer's parametrizations are children too
+    if is_chain(baked) and not skip:  # baked: a masked layer's parametrizations are children too
         prepared, groups = _prepare_eager(baked, qat=qat, weights=weights, observer=observer)
         layout, prefix = {"groups": groups}, "module."
     elif example is None:
-        raise ValueError("quantizing a graph other than an nn.Sequential chain traces it: pass an example input")
+        raise ValueError("quantizing a graph other than an nn.Sequential chain, or leaving layers in float, traces "
+                         "it: pass an example input")
     else:
         layout, prefix = {"graph": "fx", "example_shape": [1, *example.shape[1:]]}, ""
-        prepared = _prepare_graph(baked, layout["example_shape"], qat=qat, weights=weights, observer=observer)
+        if skip:
+            layout["skip"] = list(skip)
+        prepared = _prepare_graph(baked, layout["example_shape"], qat=qat, weights=weights, observer=observer,
+                                  skip=tuple(skip))
     if qat:
         for name, mask in masks.items():  # the pruning masks move onto the fake-quantized layers
             module_name, _, attr = name.rpartition(".")
@@ -207,17 +226,19 @@ def _convert(prepared: nn.Module) -> nn.Module:
     return tq.convert(prepared.eval())
 
 
-def float_layers(quantized: nn.Module) -> list[str]:
-    """Conv/Linear layers that kept float weights (FX leaves a layer float when no int8 kernel takes it)."""
+def float_layers(quantized: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """Conv/Linear layers that kept float weights though not in `skip` (FX leaves a layer float when no int8
+    kernel takes it); a skipped layer fused with its neighbours is the fused module's first child."""
     return [f"{name} ({type(module).__name__})" for name, module in quantized.named_modules()
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d))
-            and module.weight.is_floating_point()]
+            and module.weight.is_floating_point() and name not in skip and name.removesuffix(".0") not in skip]
 
 
-def convert(prepared: nn.Module, example: torch.Tensor) -> nn.Module:
-    """Swap observed float modules for int8 ones, then run `example` to prove every op has an int8 kernel."""
+def convert(prepared: nn.Module, example: torch.Tensor, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Swap observed float modules for int8 ones (all but those in `skip`), then run `example` to prove every
+    op has an int8 kernel."""
     quantized = _convert(bake_parametrizations(copy.deepcopy(prepared)))
-    left_float = float_layers(quantized)
+    left_float = float_layers(quantized, tuple(skip))
     if left_float:
         raise UnsupportedModel("these layers would keep float weights: " + ", ".join(left_float))
     try:
@@ -241,13 +262,21 @@ def check_supported(model: nn.Module, example: torch.Tensor, method: str) -> str
     return None
 
 
-def dynamic_int8(model: nn.Module) -> nn.Module:
-    """Linear and LSTM weights become int8 (per-tensor symmetric); activations are quantized on the fly."""
+def _dynamic_layers(model: nn.Module, skip: tuple[str, ...]):
+    """quantize_dynamic's qconfig_spec: every Linear and LSTM, or all those by name but the ones in `skip`."""
+    if not skip:
+        return {nn.Linear, nn.LSTM}
+    return {name: tq.default_dynamic_qconfig for name in quantizable_layers(model, "dynamic_int8") if name not in skip}
+
+
+def dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Linear and LSTM weights (all but those in `skip`) become int8 (per-tensor symmetric); activations are
+    quantized on the fly."""
     torch.backends.quantized.engine = ENGINE
-    quantized = tq.quantize_dynamic(bake_parametrizations(copy.deepcopy(model)).eval(), {nn.Linear, nn.LSTM},
-                                    dtype=torch.qint8)
+    baked = bake_parametrizations(copy.deepcopy(model)).eval()
+    quantized = tq.quantize_dynamic(baked, _dynamic_layers(baked, tuple(skip)), dtype=torch.qint8)
     inherit(quantized, model)
-    record(quantized, "int8", method="dynamic_int8")
+    record(quantized, "int8", method="dynamic_int8", **({"skip": list(skip)} if skip else {}))
     return quantized
 
 
@@ -277,15 +306,17 @@ def freeze_batchnorm(prepared: nn.Module) -> None:
 
 @TRANSFORMS.register("int8")
 def _replay(model: nn.Module, method: str, weights: str = "per_tensor", observer: str = "minmax",
-            groups: list | None = None, graph: str = "eager", example_shape: list[int] | None = None) -> nn.Module:
+            groups: list | None = None, graph: str = "eager", example_shape: list[int] | None = None,
+            skip: list[str] | None = None) -> nn.Module:
     """The same module tree, with placeholder scales: load_state_dict then restores every int8 value."""
     torch.backends.quantized.engine = ENGINE
     model = bake_parametrizations(model)
+    skip = tuple(skip or ())
     if method == "dynamic_int8":
-        return tq.quantize_dynamic(model.eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+        return tq.quantize_dynamic(model.eval(), _dynamic_layers(model, skip), dtype=torch.qint8)
     qat = method == "qat"
     if graph == "fx":
-        prepared = _prepare_graph(model, example_shape, qat=qat, weights=weights, observer=observer)
+        prepared = _prepare_graph(model, example_shape, qat=qat, weights=weights, observer=observer, skip=skip)
     else:
         prepared, _ = _prepare_eager(model, qat=qat, weights=weights, observer=observer, groups=groups or [])
     return _convert(prepared)

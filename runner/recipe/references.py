@@ -18,6 +18,8 @@ def stage_references(recipe):
         allocation = getattr(stage, "allocation", None)
         if allocation is not None and allocation.sensitivity is not None:
             yield ("stages", i, "allocation", "sensitivity"), allocation.sensitivity, "sensitivity"
+        if getattr(stage, "max_accuracy_drop", None) is not None and stage.sensitivity is not None:
+            yield ("stages", i, "sensitivity"), stage.sensitivity, "sensitivity"  # int8's fallback order
 
 
 def check_stage_references(recipe, source) -> list[Issue]:

@@ -234,7 +234,29 @@ class EvaluateStage(Spec):
         return split + declared.PARAMETERS + declared.SIZE + declared.LATENCY
 
 
-class DynamicInt8(Spec):
+class MixedPrecision(Spec):
+    """Post-training int8 with some layers left in float: named in `skip`, or chosen under an accuracy-drop
+    budget, as accuracy-driven tuners do: everything in int8, then the most sensitive layers back to float
+    one by one until the validation accuracy drop is within `max_accuracy_drop`."""
+
+    skip: list[str] = []  # module names of Linear/Conv layers left in float (e.g. [fc3, layer1.0.conv1])
+    max_accuracy_drop: Fraction | None = None  # validation accuracy drop allowed against the float model
+    sensitivity: StageName | None = None  # order layers by this earlier `sensitivity` stage's int8 scan; none: measure here
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.sensitivity is not None and self.max_accuracy_drop is None:
+            raise ValueError("`sensitivity` orders the layers that `max_accuracy_drop` leaves in float: set "
+                             "`max_accuracy_drop` or drop `sensitivity`")
+        if len(set(self.skip)) != len(self.skip):
+            raise ValueError("`skip` names a layer twice")
+        return self
+
+    def declared_metrics(self) -> tuple[declared.Metric, ...]:
+        return type(self).stage_metrics + (declared.ALLOCATION if self.max_accuracy_drop is not None else ())
+
+
+class DynamicInt8(MixedPrecision):
     """Post-training dynamic int8: Linear and LSTM weights stored int8, activations quantized per batch."""
 
     name: StageName
@@ -245,7 +267,7 @@ class DynamicInt8(Spec):
     model_produces: ClassVar[str | None] = states.INT8_DYNAMIC
 
 
-class StaticInt8(Spec):
+class StaticInt8(MixedPrecision):
     """Post-training static int8: activation ranges calibrated on training batches (Jacob et al. 2018)."""
 
     name: StageName

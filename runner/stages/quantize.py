@@ -20,8 +20,69 @@ from runner.stages.base import StageContext, StageResult
 PACKED_FILE = "model.dcz"  # the compressed artifact (Han 2016 §3-4; runner.compress.packed)
 
 
+def _checked_skip(spec: DynamicInt8 | StaticInt8, model) -> tuple[str, ...]:
+    layers = int8.quantizable_layers(model, spec.method)
+    unknown = [name for name in spec.skip if name not in layers]
+    if unknown:
+        raise StageError(spec.name, f"skip: `{unknown[0]}` is no layer that {spec.method} quantizes",
+                         "layers: " + ", ".join(layers))
+    return tuple(spec.skip)
+
+
+def _fallback_order(spec, ctx: StageContext, skip: tuple[str, ...], candidates: list[str], quantize,
+                    drop) -> tuple[list[str], dict]:
+    """The candidates, the most sensitive to int8 first: by the named scan's accuracy with the layer alone in
+    (simulated dynamic) int8, or measured here as the drop left with the layer alone back in float."""
+    if spec.sensitivity is None:
+        alone = {name: drop(quantize(skip + (name,))[0]) for name in candidates}
+        return sorted(candidates, key=lambda name: alone[name]), {"drop_with_alone_in_float": alone}
+    scan = sensitivity.read(ctx.artifact(spec.sensitivity))
+    int8_acc = {weight.rpartition(".")[0]: entry.get("int8") for weight, entry in scan["layers"].items()}
+    missing = [name for name in candidates if int8_acc.get(name) is None]
+    if missing:
+        raise StageError(spec.name, f"the scan of `{spec.sensitivity}` has no int8 accuracy for {', '.join(missing)}",
+                         "scan every Linear and Conv weight with `int8: true`")
+    drops = {name: scan["baseline_acc"] - int8_acc[name] for name in candidates}
+    return sorted(candidates, key=lambda name: -drops[name]), {"int8_drop_alone": drops}
+
+
+def _mixed_precision(spec: DynamicInt8 | StaticInt8, model, ctx: StageContext, quantize):
+    """`quantize(skip)` -> (int8 model, metrics) with the layers in `skip` left in float. With
+    `max_accuracy_drop`, layers go back to float the most sensitive first until the validation accuracy drop
+    (the stage's own val_acc_drop) is within it; each step is measured, none predicted."""
+    skip = _checked_skip(spec, model)
+    quantized, metrics = quantize(skip)
+    if spec.max_accuracy_drop is None:
+        return quantized, metrics
+    val = ctx.data().val_dataloader()
+    float_acc = accuracy(model, val)["acc"]
+
+    def drop(candidate) -> float:
+        return round(float_acc - accuracy(candidate.eval(), val)["acc"], 6)
+
+    steps = [{"float": list(skip), "drop": drop(quantized)}]
+    order, source = [], {}
+    if steps[-1]["drop"] > spec.max_accuracy_drop:
+        candidates = [name for name in int8.quantizable_layers(model, spec.method) if name not in skip]
+        order, source = _fallback_order(spec, ctx, skip, candidates, quantize, drop)
+    for name in order:
+        skip += (name,)
+        quantized, metrics = quantize(skip)
+        steps.append({"float": list(skip), "drop": drop(quantized)})
+        if steps[-1]["drop"] <= spec.max_accuracy_drop:
+            break
+    if steps[-1]["drop"] > spec.max_accuracy_drop:
+        raise StageError(spec.name, f"with every {spec.method} layer in float the validation accuracy still drops by "
+                         f"{steps[-1]['drop']:.4f}, above max_accuracy_drop {spec.max_accuracy_drop:g}",
+                         "raise max_accuracy_drop; the drop left comes from the operations around the layers")
+    metrics["allocation"] = {"sensitivity": spec.sensitivity or "measured here", **source, "steps": steps,
+                             "float_layers": list(skip), "measured_drop": steps[-1]["drop"],
+                             "reproduce": "skip: [" + ", ".join(skip) + "]"}
+    return quantized, metrics
+
+
 def _dynamic(spec: DynamicInt8, model, ctx: StageContext):
-    return int8.dynamic_int8(model), {}
+    return _mixed_precision(spec, model, ctx, lambda skip: (int8.dynamic_int8(model, skip), {}))
 
 
 def _static(spec: StaticInt8, model, ctx: StageContext):
@@ -31,15 +92,21 @@ def _static(spec: StaticInt8, model, ctx: StageContext):
         raise StageError(spec.name, f"calibration_batches is {spec.calibration_batches} but the training data "
                          f"has only {len(batches)} batches", f"set calibration_batches <= {len(batches)}")
     example = data.examples("test", 2)[0]
-    prepared, layout = int8.prepare(model, qat=False, weights=spec.weights, observer=spec.observer, example=example)
-    with torch.inference_mode():
-        for index, (x, _) in enumerate(batches):
-            if index == spec.calibration_batches:
-                break
-            prepared(x)
-    quantized = int8.convert(prepared, example)
-    return int8.finish_static(quantized, model, method="static_int8", weights=spec.weights, observer=spec.observer,
-                              layout=layout), {"calibration_examples": spec.calibration_batches * data.batch_size}
+
+    def calibrated(skip: tuple[str, ...]):
+        prepared, layout = int8.prepare(model, qat=False, weights=spec.weights, observer=spec.observer,
+                                        example=example, skip=skip)
+        with torch.inference_mode():
+            for index, (x, _) in enumerate(batches):
+                if index == spec.calibration_batches:
+                    break
+                prepared(x)
+        quantized = int8.convert(prepared, example, skip)
+        return int8.finish_static(quantized, model, method="static_int8", weights=spec.weights,
+                                  observer=spec.observer, layout=layout), \
+            {"calibration_examples": spec.calibration_batches * data.batch_size}
+
+    return _mixed_precision(spec, model, ctx, calibrated)
 
 
 def _qat(spec: QatInt8, model, ctx: StageContext):
