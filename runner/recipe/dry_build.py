@@ -57,6 +57,7 @@ def _model_field(spec) -> tuple:
 def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     """Dry-build the model and check it against the data and the stages; user `import:` code runs only when
     asked (`nnopt validate --build-model`; `nnopt run` always builds it, and this check then runs before any stage)."""
+    _check_teachers(recipe, facts, found, build_user_code)
     spec = recipe.model
     if builds_user_code(spec) and not build_user_code:
         return
@@ -74,10 +75,42 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     if facts is not None and facts.shape is not None:
         _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
+    _check_codebooks(recipe, model, found)
     _check_structure(recipe, model, facts, found)
     check_expect_layers(recipe, model, found)
     if facts is not None and facts.shape is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
         _check_int8(recipe, facts, found)
+
+
+def _check_teachers(recipe, facts, found, build_user_code: bool) -> None:
+    """A distillation teacher given as a model is loaded as the run will load it (built on the CPU, its weights
+    fitted) and must give one logit per class of the data: its logits meet the student's class by class."""
+    from types import SimpleNamespace
+
+    from runner.errors import RecipeError
+    from runner.modelio import initial_model
+    from runner.models.weights import layout_problem
+    from runner.recipe.references import teacher_models
+
+    if facts is None or facts.shape is None or facts.num_classes is None:
+        return
+    data = SimpleNamespace(examples=lambda split, count: (torch.zeros((count,) + tuple(facts.shape)), None),
+                           num_classes=facts.num_classes)
+    for path, spec in teacher_models(recipe):
+        if (builds_user_code(spec) and not build_user_code) or layout_problem(spec.weights_path()):
+            continue  # user code runs only when asked; a missing weights file is check_model's error
+        try:
+            size = sum(p.numel() for p in _build(spec, "meta").parameters())
+            if size <= REAL_BUILD_MAX_PARAMETERS:
+                initial_model(spec, lambda: data)
+        except BuildFailed as error:
+            found.error(path, f"the teacher cannot be built: {error}")
+        except RecipeError as error:
+            found.errors.extend(error.issues)
+        except Exception as error:  # its forward pass on the data's examples: a shape mismatch, user code
+            found.error(path, f"the teacher's forward pass fails on a batch of the data's examples (shape "
+                        f"{tuple(facts.shape)}): {type(error).__name__}: {_first_line(error)}{_where(error)}",
+                        "a teacher sees the student's batches: it must take the same input")
 
 
 def _forward(model: nn.Module, shape: tuple, device: str) -> torch.Tensor:
@@ -154,6 +187,12 @@ def _check_patterns(recipe, model: nn.Module, found) -> None:
     for path, pattern in patterns:
         if not fnmatch.filter(names, pattern):
             found.error(path, f"`{pattern}` matches no parameter of the model", "parameters: " + ", ".join(names))
+    for i, stage in enumerate(recipe.stages):
+        bounds = stage.allocation.bounds if stage.kind == "prune" and stage.allocation is not None else {}
+        prunable = pruning.prunable_names(model, stage.params) if bounds else []
+        for pattern in pruning.unmatched_patterns(list(bounds), prunable):
+            found.error(("stages", i, "allocation", "bounds", pattern), f"`{pattern}` matches no pruned layer of the "
+                        "model", "pruned: " + ", ".join(prunable))
     for path, spec, targets_field in specs:
         prunable = pruning.prunable_names(model, spec.params)
         targets = getattr(spec, targets_field)
@@ -191,13 +230,35 @@ def _check_kept(path: tuple, spec, targets_field: str, model: nn.Module, prunabl
                         "guess", "lower the target for that layer, or set `allow_empty_layers: true` if you mean it")
 
 
+def _check_codebooks(recipe, model: nn.Module, found) -> None:
+    """A codebook of 2^bits values for a layer with fewer weights shares nothing: every weight keeps its own
+    value and the codebook outweighs the layer."""
+    from runner.compress.sharing import bits_for
+    from runner.pruning import prunable_names
+
+    for i, stage in enumerate(recipe.stages):
+        if getattr(stage, "method", None) != "weight_sharing" or stage.bits is None:
+            continue
+        for name in prunable_names(model):
+            bits, size = bits_for(name, stage.bits), model.get_parameter(name).numel()
+            if bits is not None and 2**bits > size:
+                field = ("stages", i, "bits") + (tuple(p for p in stage.bits if fnmatch.fnmatch(name, p))[:1]
+                                                 if isinstance(stage.bits, dict) else ())
+                found.error(field, f"{bits} bits give `{name}` a codebook of {2**bits} values for its {size} "
+                            "weights: nothing is shared, and the codebook outweighs the layer",
+                            f"use at most {size.bit_length() - 1} bits for it")
+                break
+
+
 def _check_structure(recipe, model: nn.Module, facts, found) -> None:
     """Neuron pruning follows sequential chains and networks Torch-Pruning can trace (runner.slimming)."""
-    from runner.slimming import check_supported
-
     shape = getattr(facts, "shape", None)
     for i, stage in enumerate(recipe.stages):
         if stage.kind == "prune" and stage.granularity == "neurons" and shape is not None:
+            # imported here: Torch-Pruning brings timm and torchvision, a second of startup a recipe without
+            # neuron pruning does not need
+            from runner.slimming import check_supported
+
             problem = check_supported(model, torch.zeros((2,) + tuple(shape), device="meta"))
             if problem:
                 found.error(("stages", i, "granularity"), f"structured pruning cannot follow this model: {problem}",
