@@ -116,13 +116,13 @@ def cmd_list(args) -> int:
 
     from runner.data import DATASETS
     from runner.models import MODELS
+    from runner.recipe.stages import STAGE_KINDS  # the spec union's kinds: runner.stages would import Lightning
     from runner.recipe.training import OPTIMIZER_NAMES, SCHEDULE_NAMES
-    from runner.stages import STAGES
 
     table = Table(title="nnopt registries", show_lines=True)
     table.add_column("kind")
     table.add_column("names")
-    for kind, names in [("stage kinds", STAGES.names()), ("models", MODELS.names()),
+    for kind, names in [("stage kinds", sorted(STAGE_KINDS)), ("models", MODELS.names()),
                         ("data sets", DATASETS.names()), ("optimizers", OPTIMIZER_NAMES),
                         ("schedules", SCHEDULE_NAMES)]:
         table.add_row(kind, ", ".join(names))
