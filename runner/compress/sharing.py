@@ -56,7 +56,8 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int) -> tuple[tor
     return assignment, centroids
 
 
-def _bits_for(name: str, bits: int | dict[str, int]) -> int | None:
+def bits_for(name: str, bits: int | dict[str, int]) -> int | None:
+    """The bits of weight `name`: one value for all, or the first `{glob: bits}` pattern that matches it."""
     if isinstance(bits, int):
         return bits
     return next((b for pattern, b in bits.items() if fnmatch.fnmatch(name, pattern)), None)
@@ -68,7 +69,7 @@ def share_weights(model: nn.Module, bits: int | dict[str, int], iterations: int)
     layers, metrics = {}, {"layer_bits": {}, "kmeans_iterations": iterations}
     for module_name, module in shared.named_modules():
         name = f"{module_name}.weight"
-        layer_bits = _bits_for(name, bits) if isinstance(module, _SHAREABLE) else None
+        layer_bits = bits_for(name, bits) if isinstance(module, _SHAREABLE) else None
         if layer_bits is None:
             continue
         weight = module.weight.detach()

@@ -63,6 +63,47 @@ def check_order(recipe, found: Findings) -> None:
             form, made_by = stage.model_produces, stage.name
 
 
+def check_pruning_sequence(recipe, found: Findings) -> None:
+    """Magnitude pruning keeps the zeros it finds: a target of 0, or one no higher than the sparsity an earlier
+    stage left, removes nothing."""
+    sparsity, made_by = 0.0, None
+    for i, stage in enumerate(recipe.stages):
+        target = stage.sparsity if stage.kind == "prune" and stage.granularity == "weights" else None
+        if isinstance(target, float):
+            if target == 0:
+                found.error(("stages", i, "sparsity"), "sparsity 0 prunes nothing: the stage would change no weight",
+                            "set the fraction of weights to remove, or drop the stage")
+            elif stage.method == "magnitude" and target <= sparsity:
+                found.error(("stages", i, "sparsity"), f"sparsity {target:g} is not above the {sparsity:g} stage "
+                            f"`{made_by}` left: magnitude pruning keeps the zeros it finds, so this stage removes "
+                            "nothing", f"prune to more than {sparsity:g}, or drop the stage")
+        for path, block in training_blocks_of(stage, i):
+            gradual = block.gradual_pruning
+            if gradual is not None and isinstance(gradual.sparsity, float) and gradual.sparsity == 0:
+                found.error(path + ("gradual_pruning", "sparsity"), "gradual pruning to sparsity 0 prunes nothing",
+                            "set the final fraction of weights to remove, or drop `gradual_pruning`")
+        if stage.kind == "iterative_prune" and isinstance(stage.fraction, float) and stage.fraction == 0:
+            found.error(("stages", i, "fraction"), "fraction 0 prunes nothing in any round",
+                        "set the fraction of the remaining weights each round removes")
+        reached = _sparsity_after(stage, i)
+        if reached is not None:
+            sparsity, made_by = reached, stage.name
+        elif stage.kind == "prune":  # per-layer targets or removed neurons: the uniform level is unknown
+            sparsity, made_by = 0.0, None
+
+
+def _sparsity_after(stage, index: int) -> float | None:
+    """The uniform weight sparsity a stage leaves when its targets are one number."""
+    if stage.kind == "prune" and stage.granularity == "weights" and isinstance(stage.sparsity, float):
+        return stage.sparsity
+    if stage.kind == "iterative_prune" and isinstance(stage.fraction, float):
+        return 1 - (1 - stage.fraction) ** stage.rounds
+    for _, block in training_blocks_of(stage, index):
+        if block.gradual_pruning is not None and isinstance(block.gradual_pruning.sparsity, float):
+            return block.gradual_pruning.sparsity
+    return None
+
+
 # ---- what the data is, where the recipe says it ---------------------------------------------------------
 
 # Registered data sets of fixed size: examples in the whole training split and the test split, input shape,
@@ -96,8 +137,9 @@ def _arguments(factory, args: dict) -> dict:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | dict(args)
 
 
-def known_data(spec) -> DataFacts | None:
-    """Sizes, shape and classes of a registered data set, from its fixed size or from its arguments (synthetic)."""
+def known_data(spec, found: Findings | None = None) -> DataFacts | None:
+    """Sizes, shape and classes of a registered data set: from its fixed size, its arguments (synthetic) or the
+    file names of its folder (image_folder); the shape as the transforms leave it, their failures reported."""
     from runner.data import DATASETS
     from runner.registry import UnknownName
 
@@ -107,6 +149,7 @@ def known_data(spec) -> DataFacts | None:
         arguments = _arguments(DATASETS.get(spec.name), spec.args)
     except UnknownName:
         return None
+    example = None  # one example as the data source gives it, for the transforms
     if spec.name in FIXED_SETS:
         train, test, shape, classes, val = FIXED_SETS[spec.name]
         val = arguments.get("val_size") or val
@@ -115,6 +158,10 @@ def known_data(spec) -> DataFacts | None:
         else:
             sizes = {"train": train - val, "val": val, "test": test}
         facts = DataFacts(sizes, shape, classes)
+    elif spec.name == "image_folder":
+        facts, example = _image_folder_facts(spec)
+        if facts is None:
+            return None
     elif {"num_train", "num_val", "num_test"} <= arguments.keys():
         sizes = {split: arguments[f"num_{split}"] for split in SPLITS}
         shape = arguments.get("shape")
@@ -124,9 +171,87 @@ def known_data(spec) -> DataFacts | None:
         return None
     if not all(isinstance(n, int) for n in facts.sizes.values()):
         return None
+    if facts.shape is not None and not all(isinstance(n, int) and n > 0 for n in facts.shape):
+        if found is not None:
+            found.error(("data", "args", "shape") if "shape" in spec.args else ("data",),
+                        f"the input shape {list(facts.shape)} has a dimension that is not a positive whole number",
+                        "every dimension of an example holds at least one value")
+        return DataFacts(facts.sizes, None, facts.num_classes)
     if spec.transforms.train or spec.transforms.eval:  # a crop or resize changes the shape the model sees
-        facts = DataFacts(facts.sizes, None, facts.num_classes)
+        if example is None and facts.shape is not None:
+            import torch
+
+            example = torch.rand(facts.shape, generator=torch.Generator().manual_seed(0))
+        shape = transformed_shape(spec, example, found) if example is not None else None
+        facts = DataFacts(facts.sizes, shape, facts.num_classes)
     return facts
+
+
+def _image_folder_facts(spec):
+    """Examples per split and classes from the folder's file names (runner.data.image_folder.scan, no image
+    decoded), and the shape of its first training image, decoded as the run decodes it (RGB)."""
+    from runner.data import DataUnavailable
+    from runner.data.image_folder import scan
+
+    try:
+        classes, samples = scan(**spec.factory_args())
+    except (DataUnavailable, TypeError):
+        return None, None  # reported by runner.recipe.checks.check_data
+    try:
+        from torchvision.datasets.folder import default_loader
+
+        image = default_loader(samples["train"][0][0])
+    except Exception:  # an unreadable first image: the run names it when it reads it
+        return DataFacts({split: len(samples[split]) for split in SPLITS}, None, len(classes)), None
+    shape = (len(image.getbands()), image.height, image.width)
+    return DataFacts({split: len(samples[split]) for split in SPLITS}, shape, len(classes)), image
+
+
+def transformed_shape(spec, example, found: Findings | None) -> tuple[int, ...] | None:
+    """The shape of `example` after each split's transforms (seeded, so random ones draw the same), or None when
+    a transform fails on it (reported at its item) or the splits disagree (reported at `data.transforms`)."""
+    import torch
+
+    from runner.data.augment import CONVERSIONS, as_float_image, build_item, split_item
+
+    shapes = {}
+    for split in ("train", "eval"):
+        items = getattr(spec.transforms, split)
+        value = example if any(split_item(item)[0] in CONVERSIONS for item in items) else as_float_image(example)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for i, item in enumerate(items):
+                try:
+                    value = build_item(item)(value)
+                except Exception as error:  # the transform refuses this example: wrong size, channels, type
+                    if found is not None:
+                        name = split_item(item)[0]
+                        found.error(("data", "transforms", split, i), f"{name} fails on an example of this data "
+                                    f"(shape {_shape_text(example)}): {_first_line(error)}",
+                                    "check the transform's sizes and per-channel values against the data")
+                    return None
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            return None  # the run names a list that ends without a float tensor (runner.data.streaming)
+        shapes[split] = tuple(value.shape)
+    if shapes["train"] != shapes["eval"]:
+        if found is not None:
+            found.error(("data", "transforms"), f"the train transforms give examples of shape {shapes['train']}, the "
+                        f"eval transforms {shapes['eval']}: one model sees both",
+                        "end both lists at the same size (for example RandomCrop for train, CenterCrop for eval)")
+        return None
+    return shapes["eval"]
+
+
+def _shape_text(example) -> str:
+    shape = getattr(example, "shape", None)
+    if shape is not None:
+        return str(tuple(shape))
+    return f"{len(example.getbands())}x{example.height}x{example.width} image"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: " + (text[0] if text else "")[:300]
 
 
 def check_data_sizes(recipe, facts: DataFacts, found: Findings) -> dict[str, int]:
@@ -150,12 +275,56 @@ def check_data_sizes(recipe, facts: DataFacts, found: Findings) -> dict[str, int
     if isinstance(classes, int) and classes < 2:
         found.error(("data", "args", "num_classes") if "num_classes" in data.args else ("data",),
                     f"the data has {classes} class{'es' if classes != 1 else ''}: a classifier needs at least 2")
+    _check_world_share(recipe, facts, used, found)
     trains = any(training_blocks(recipe))
     if trains and 0 < used["train"] < data.batch_size:
         found.error(("data", "batch_size"), f"batch_size {data.batch_size} is above the {used['train']} training "
                     "examples: every step would see the whole set and the throughput figures would count "
                     "examples that do not exist", f"use a batch_size of at most {used['train']}")
     return used
+
+
+def _size_field(recipe, split: str) -> tuple:
+    """Where the recipe sets a split's size: its limit, the synthetic count, or the data block."""
+    if getattr(recipe.data.limit, split) is not None:
+        return ("data", "limit", split)
+    return ("data", "args", f"num_{split}") if f"num_{split}" in recipe.data.args else ("data",)
+
+
+def _check_world_share(recipe, facts: DataFacts, used: dict[str, int], found: Findings) -> None:
+    """Each process of a multi-process run reads its own share of every split: one with no example fails."""
+    from runner.recipe.devices import world_size
+
+    processes = world_size(recipe.trainer)
+    if processes < 2:
+        return
+    for split in SPLITS:
+        if 0 < used[split] < processes:
+            found.error(_size_field(recipe, split), f"the {split} split has {used[split]} example"
+                        f"{'s' if used[split] > 1 else ''} for {processes} processes: "
+                        f"{processes - used[split]} of them would get none",
+                        f"give every process at least one example ({processes}), or run on fewer devices")
+
+
+def check_example_counts(recipe, used: dict[str, int], found: Findings) -> None:
+    """Stages that measure on the first N examples of a split, where N is above what the split holds: they would
+    silently measure fewer."""
+    places = []
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "sensitivity":
+            places.append((("stages", i, "examples"), stage.examples, "val"))
+        allocation = getattr(stage, "allocation", None)
+        if allocation is not None and stage.kind == "prune" and allocation.sensitivity is None:
+            places.append((("stages", i, "allocation", "scan", "examples"), allocation.scan.examples, "val"))
+        if allocation is not None and stage.kind == "quantize" and allocation.sensitivity is None:
+            places.append((("stages", i, "allocation", "examples"), allocation.examples, "val"))
+        if stage.kind == "export":
+            places.append((("stages", i, "check_examples"), stage.check_examples, "test"))
+    for path, asked, split in places:
+        if asked > used[split]:
+            found.error(path, f"{path[-1]} is {asked}, above the {used[split]} examples of the {split} split",
+                        f"use at most {used[split]}: the stage reads the split's first examples and would silently "
+                        "measure on fewer")
 
 
 # ---- schedules resolved against the stage's length ---------------------------------------------------
@@ -198,6 +367,16 @@ def training_blocks(recipe):
     (iterative_prune's `retrain`, weight sharing's `finetune`)."""
     for index, stage in enumerate(recipe.stages):
         yield from training_blocks_of(stage, index)
+
+
+def teacher_models(recipe):
+    """(path, spec) of each distillation teacher given as a model spec rather than a stage name; each spec learns
+    its path, so that problems found when the run loads it are located in the recipe too."""
+    for path, block in training_blocks(recipe):
+        if block.distillation is not None and not isinstance(block.distillation.teacher, str):
+            where = path + ("distillation", "teacher")
+            block.distillation.teacher._where = where
+            yield where, block.distillation.teacher
 
 
 def stage_length(recipe, block, train_examples: int | None) -> Length | None:
@@ -276,6 +455,8 @@ def _check_validation(path: tuple, block, epochs: float, found: Findings) -> Non
         watchers.append(("schedule", "reduce_on_plateau", block.schedule.patience))
     if block.early_stopping is not None:
         watchers.append(("early_stopping", "early stopping", block.early_stopping.patience))
+    if block.keep.epoch == "best":
+        watchers.append(("keep", "keep: best", None))
     if validations == 0:
         where = path + ("val_every_epochs",) if "val_every_epochs" in block.model_fields_set else path
         message = (f"validation runs every {block.val_every_epochs} epochs, so never in this stage of {epochs:g} epochs")
@@ -287,7 +468,7 @@ def _check_validation(path: tuple, block, epochs: float, found: Findings) -> Non
                        f"set val_every_epochs to at most {max(1, math.floor(epochs))}")
         return
     for field_name, what, patience in watchers:
-        if patience >= validations:
+        if patience is not None and patience >= validations:
             found.warn(path + (field_name, "patience"), f"{what} has patience {patience} but the stage validates only "
                        f"{validations} time{'s' if validations > 1 else ''}: it can never act",
                        f"lower the patience below {validations}, or validate more often")
@@ -334,12 +515,44 @@ def check_window_in_own_unit(path: tuple, block, found: Findings) -> None:
                         f"{start:g}, not before its end {end:g}")
 
 
+def check_tuners(path: tuple, block, length: Length | None, found: Findings) -> None:
+    """The LR range test sweeps min_lr up to max_lr over num_steps steps of the stage's own epochs."""
+    finder = block.lr_finder
+    if finder is None:
+        return
+    if finder.max_lr <= finder.min_lr:
+        found.error(path + ("lr_finder", "max_lr"), f"lr_finder max_lr {finder.max_lr:g} is not above min_lr "
+                    f"{finder.min_lr:g}: the range test sweeps from min_lr up to max_lr",
+                    "usual: min_lr 1e-6, max_lr 1")
+    if length is not None and block.epochs is not None and finder.num_steps > length.total:
+        found.error(path + ("lr_finder", "num_steps"), f"lr_finder asks {finder.num_steps} steps, but the stage's "
+                    f"{block.epochs} epoch{'s hold' if block.epochs > 1 else ' holds'} {length.total}: the range test "
+                    f"would stop at step {length.total}, short of max_lr",
+                    f"use num_steps of at most {length.total}, or more epochs")
+
+
+def _check_accumulation(recipe, path: tuple, block, train_examples: int, found: Findings) -> None:
+    """Lightning steps the optimizer at each epoch's end whatever is accumulated: an accumulation longer than
+    an epoch sums fewer batches than it says."""
+    accumulate = recipe.trainer.with_override(block.trainer).accumulate_grad_batches
+    batches = math.ceil(train_examples / recipe.data.batch_size)
+    if block.batch_size_finder is None and accumulate > batches:
+        own = block.trainer is not None and block.trainer.accumulate_grad_batches is not None
+        where = path + ("trainer", "accumulate_grad_batches") if own else ("trainer", "accumulate_grad_batches")
+        found.error(where, f"accumulate_grad_batches {accumulate} is more than the {batches} batches of an epoch: "
+                    f"the optimizer steps at each epoch's end, so every step would sum {batches}",
+                    f"use at most {batches}, or a larger data.batch_size")
+
+
 def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> None:
     train_examples = used["train"] if used else None
     for i, stage in enumerate(recipe.stages):
         for path, block in training_blocks_of(stage, i):
             length = stage_length(recipe, block, train_examples)
             check_schedule(path, block, length, found)
+            check_tuners(path, block, length, found)
+            if train_examples:
+                _check_accumulation(recipe, path, block, train_examples, found)
             if length is not None:
                 check_windows(path, block, length, found)
             elif block.gradual_pruning is not None:
@@ -361,8 +574,36 @@ def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> Non
 # ---- numbers at the edge ---------------------------------------------------------------------------
 
 
+def _non_finite(node, path: tuple = ()):
+    """Paths of the infinite and NaN numbers in the recipe as written (model and data `args` included)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _non_finite(value, path + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _non_finite(value, path + (index,))
+
+
+# Optimizers whose weight decay multiplies every weight by (1 - lr * weight_decay) each step (SGD's coupled L2
+# and AdamW's decoupled decay alike); Adam and RMSprop divide the decay term by the gradient's scale instead.
+SCALING_DECAY = ("sgd", "adamw")
+
+
 def check_bounds(recipe, found: Findings) -> None:
-    """Seeds that stay valid for every stage, learning rates torch can hold, and thread counts this machine has."""
+    """Finite numbers, seeds that stay valid for every stage, learning rates torch can hold, weight decay that
+    does not wipe the weights, and thread counts this machine has."""
+    for path, value in _non_finite(found.source.data):
+        found.error(path, f"{value} is not a finite number", "every number in a recipe is finite")
+    for path, block in training_blocks(recipe):
+        optimizer = block.optimizer
+        factor = 1 - optimizer.lr * getattr(optimizer, "weight_decay", 0.0)
+        if optimizer.name in SCALING_DECAY and factor <= 0:
+            found.error(path + ("optimizer", "weight_decay"), f"weight_decay {optimizer.weight_decay:g} at lr "
+                        f"{optimizer.lr:g} scales every weight by 1 - lr * weight_decay = {factor:.3g} each step: "
+                        f"the weights {'vanish' if factor == 0 else 'flip sign every step and blow up' if factor < -1 else 'flip sign every step'}",
+                        f"keep lr * weight_decay far below 1 (usual weight_decay: 1e-5 to 1e-2)")
     last = len(recipe.stages) - 1
     for path, seed in [(("seed",), recipe.seed)] + [(("seeds", k), s) for k, s in enumerate(recipe.seeds or [])]:
         if seed + last > MAX_STAGE_SEED:
@@ -404,10 +645,38 @@ def _declares(stage, metric: str) -> bool:
     return any(fnmatch.fnmatchcase(metric, m.name) for m in stage.declared_metrics())
 
 
+FRACTION_RUN_METRICS = ("test_error", "test_acc", "weights_kept")
+
+
+def _unit(recipe, metric: str) -> str:
+    import fnmatch
+
+    if metric in FRACTION_RUN_METRICS:
+        return "fraction"
+    stage_name, _, name = metric.partition(".")
+    stage = next((s for s in recipe.stages if s.name == stage_name), None)
+    declared = stage.declared_metrics() if stage is not None else []
+    return next((m.unit for m in declared if fnmatch.fnmatchcase(name, m.name)), "")
+
+
+def _check_expect_range(recipe, metric: str, rule, found: Findings) -> None:
+    """A fraction lies in [0, 1]: a numeric bound outside it can never hold."""
+    if isinstance(rule.bound, str) or _unit(recipe, metric) != "fraction":
+        return
+    tolerance = rule.within.tolerance if rule.within is not None else 0.0
+    never = {"at_least": rule.bound > 1, "at_most": rule.bound < 0,
+             "within": rule.bound + tolerance < 0 or rule.bound - tolerance > 1}[rule.kind]
+    if never:
+        found.error(("expect", "metrics", metric, rule.kind), f"`{metric}` is a fraction in [0, 1]: "
+                    f"{rule.describe()} can never hold", "give the bound as a fraction (0.92, not 92)")
+
+
 def check_expect(recipe, found: Findings) -> None:
-    """Run-level rules that no stage of this recipe can feed."""
+    """Run-level rules that no stage of this recipe can feed, and bounds no value can meet."""
     if recipe.expect is None:
         return
+    for metric, rule in recipe.expect.metrics.items():
+        _check_expect_range(recipe, metric, rule, found)
     for metric in recipe.expect.metrics:
         if metric not in RUN_METRICS or metric == "wall_seconds":
             continue  # stage metrics (`stage.metric`) and unknown names are checked in runner.recipe.checks
@@ -432,15 +701,19 @@ def check_semantics(recipe, source: Source, build_user_code: bool = False, dry_b
     """Every semantic check that needs no training; with `dry_build` the model is built on the meta device
     (runner.recipe.dry_build) when nnopt's or a model library's code builds it, user `import:` code only with
     `build_user_code`."""
-    from runner.recipe.dry_build import check_model_fits
+    from runner.recipe.dry_build import check_model_fits, check_teachers
 
     found = Findings(source)
     check_order(recipe, found)
+    check_pruning_sequence(recipe, found)
     check_bounds(recipe, found)
     check_expect(recipe, found)
-    facts = known_data(recipe.data)
+    facts = known_data(recipe.data, found)
     used = check_data_sizes(recipe, facts, found) if facts is not None else None
     check_schedules(recipe, used, found)
+    if used is not None:
+        check_example_counts(recipe, used, found)
     if dry_build:
+        check_teachers(list(teacher_models(recipe)), facts, found, build_user_code)
         check_model_fits(recipe, facts, found, build_user_code)
     return found
