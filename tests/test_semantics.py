@@ -105,13 +105,40 @@ DATA = {
     "batch above the data": ({"batch_size": 1024}, {}, ["data.batch_size: batch_size 1024 is above the 512 training"]),
     "mnist limit above its split": ({"name": "mnist", "args": {}, "limit": {"val": 20000}}, {"name": "lenet_300_100", "args": {}},
                                     ["limit.val is 20000, above the 10000 examples"]),
+    "a shape with an empty dimension": ({"args": {**SYNTHETIC, "shape": [0]}}, {},
+                                        ["data.args.shape: the input shape [0] has a dimension that is not a positive"]),
+    "NaN noise in the data's args": ({"args": {**SYNTHETIC, "noise": float("nan")}}, {},
+                                     ["data.args.noise: nan is not a finite number"]),
+    "a crop larger than the examples": ({"args": {**SYNTHETIC, "shape": [3, 8, 8]}, "transforms": {"train": [{"RandomCrop": {"size": 16}}]}},
+                                        {"name": "resnet20", "args": {"width": 4}},
+                                        ["data.transforms.train[0]: RandomCrop fails on an example of this data (shape (3, 8, 8))"]),
+    "Normalize with another channel count": ({"args": {**SYNTHETIC, "shape": [3, 8, 8]},
+                                              "transforms": {"eval": [{"Normalize": {"mean": [0.5], "std": [0.5, 0.5]}}]}},
+                                             {"name": "resnet20", "args": {"width": 4}},
+                                             ["data.transforms.eval[0]: Normalize fails on an example of this data"]),
+    "a resize the model does not take": ({"args": {**SYNTHETIC, "shape": [1, 8, 8]},
+                                          "transforms": {"train": [{"Resize": {"size": 4}}], "eval": [{"Resize": {"size": 4}}]}},
+                                         {"args": {"hidden": [32], "in_features": 64}},
+                                         ["model.args: the model's forward pass fails on a batch of the data's examples (shape (1, 4, 4))",
+                                          "in_features: 16"]),
+    "train and eval transforms of different sizes": ({"args": {**SYNTHETIC, "shape": [1, 8, 8]},
+                                                      "transforms": {"train": [{"RandomCrop": {"size": 4}}]}},
+                                                     {"args": {"hidden": [32], "in_features": 64}},
+                                                     ["data.transforms: the train transforms give examples of shape (1, 4, 4), "
+                                                      "the eval transforms (1, 8, 8)"]),
+    "sensitivity beyond the val split": ({}, {}, ["stages[1].examples: examples is 2000, above the 128 examples of the val split"]),
+    "export check beyond the test split": ({"args": {**SYNTHETIC, "num_test": 16}}, {},
+                                           ["stages[1].check_examples: check_examples is 256, above the 16 examples of the test split"]),
 }
+# Cases whose second stage measures something other than evaluate.
+SECOND_STAGE = {"sensitivity beyond the val split": {"name": "s", "kind": "sensitivity", "sparsities": [0.5], "bits": [4]},
+                "export check beyond the test split": {"name": "x", "kind": "export", "formats": ["torchscript"]}}
 
 
 @pytest.mark.parametrize("case", DATA)
 def test_data_and_model_that_do_not_fit(nnopt, write_recipe, case):
     data, model, fragments = DATA[case]
-    recipe = recipe_with(EVALUATE)
+    recipe = recipe_with(SECOND_STAGE.get(case, EVALUATE))
     recipe["data"].update(data)
     recipe["model"].update(model)
     refused(nnopt, write_recipe, recipe, *fragments)
@@ -123,6 +150,73 @@ def test_neuron_pruning_needs_a_graph_it_can_follow(nnopt, write_recipe):
     recipe["model"] = {"torchvision": "shufflenet_v2_x0_5", "args": {"num_classes": 10}}
     recipe["data"]["args"]["shape"] = [3, 32, 32]
     refused(nnopt, write_recipe, recipe, "stages[1].granularity: structured pruning cannot follow this model")
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    """8x8 RGB shapes: 16 training, 4 validation and 4 test images of 4 classes."""
+    from runner.data.make_image_folder import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("folder") / "shapes", per_class=4, size=8)
+
+
+def folder_recipe(root, *stages, batch_size: int = 4) -> dict:
+    recipe = recipe_with(*stages, model={"args": {"hidden": [16], "in_features": 192, "num_classes": 4}})
+    recipe["data"] = {"name": "image_folder", "batch_size": batch_size, "eval_batch_size": 4, "args": {"root": str(root)}}
+    return recipe
+
+
+FOLDERS = {
+    "batch above the images": ({"batch_size": 32}, {}, [EVALUATE],
+                               ["data.batch_size: batch_size 32 is above the 16 training examples"]),
+    "calibration above the batches": ({}, {}, [{"name": "q", "kind": "quantize", "method": "static_int8", "calibration_batches": 5}],
+                                      ["stages[1].calibration_batches: calibration_batches is 5 but the training data gives 4 "
+                                       "batches of 4"]),
+    "limit above the images": ({"limit": {"train": 100}}, {}, [EVALUATE],
+                               ["data.limit.train: limit.train is 100, above the 16 examples of the train split"]),
+    "classes against outputs": ({}, {"num_classes": 10}, [EVALUATE],
+                                ["model.args.num_classes: the model outputs 10 classes, the data has 4"]),
+    "input against in_features": ({}, {"in_features": 100}, [EVALUATE],
+                                  ["the model's forward pass fails on a batch of the data's examples (shape (3, 8, 8))",
+                                   "in_features: 192"]),
+}
+
+
+@pytest.mark.parametrize("case", FOLDERS)
+def test_image_folder_sizes_are_counted_at_validate(nnopt, write_recipe, small_folder, case):
+    data, model, stages, fragments = FOLDERS[case]
+    recipe = folder_recipe(small_folder, *stages)
+    recipe["data"].update(data)
+    recipe["model"]["args"].update(model)
+    refused(nnopt, write_recipe, recipe, *fragments)
+
+
+def test_an_image_folder_that_fits_passes(nnopt, write_recipe, small_folder):
+    resize = [{"Resize": {"size": 4}}]
+    recipe = folder_recipe(small_folder, {"name": "q", "kind": "quantize", "method": "static_int8", "calibration_batches": 4})
+    recipe["data"]["transforms"] = {"train": resize, "eval": resize}
+    recipe["model"]["args"]["in_features"] = 48  # 3 x 4 x 4 after the resize
+    accepted(nnopt, write_recipe, recipe)
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    """Two CPU processes are allowed whatever the test machine has."""
+    from runner.recipe import devices
+
+    machine = devices.Machine(cuda_devices=0, bf16_on_cuda=False, mps=False, cpu_cores=4, torch_xla=False, deepspeed=False)
+    monkeypatch.setattr(devices.Machine, "probe", staticmethod(lambda: machine))
+
+
+@pytest.mark.parametrize("split, field", [("train", "num_train"), ("val", "num_val"), ("test", "num_test")])
+def test_every_process_gets_examples_of_every_split(nnopt, write_recipe, four_cores, split, field):
+    recipe = recipe_with(EVALUATE, trainer={"devices": 2, "strategy": "ddp"})
+    recipe["data"]["args"][field] = 1
+    recipe["data"]["batch_size"] = 2
+    fragment = f"data.args.{field}: the {split} split has 1 example for 2 processes: 1 of them would get none"
+    refused(nnopt, write_recipe, recipe, fragment)
+    recipe["data"]["args"][field] = 2
+    accepted(nnopt, write_recipe, recipe)
 
 
 USER_MODELS = """\
@@ -213,6 +307,20 @@ SCHEDULES = {
     "steps stage shorter than an epoch with plateau": ({"epochs": None, "steps": 10,
                                                         "schedule": {"name": "reduce_on_plateau"}},
                                                        ["so never in this stage of 0.625 epochs"]),
+    "keep best that never validates": ({"val_every_epochs": 5, "keep": "best"},
+                                       ["stages[0].val_every_epochs: validation runs every 5 epochs",
+                                        "keep: best would watch no validation"]),
+    "lr finder sweeping down": ({"lr_finder": {"min_lr": 1.0, "max_lr": 0.001, "num_steps": 10}},
+                                ["stages[0].lr_finder.max_lr: lr_finder max_lr 0.001 is not above min_lr 1"]),
+    "lr finder longer than the stage": ({"lr_finder": {"num_steps": 1000}},
+                                        ["stages[0].lr_finder.num_steps: lr_finder asks 1000 steps, but the stage's 3 "
+                                         "epochs hold 48"]),
+    "accumulation longer than an epoch": ({"trainer": {"accumulate_grad_batches": 32}},
+                                          ["stages[0].trainer.accumulate_grad_batches: accumulate_grad_batches 32 is more "
+                                           "than the 16 batches of an epoch"]),
+    "weight decay that flips the weights": ({"optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 40}},
+                                            ["stages[0].optimizer.weight_decay: weight_decay 40 at lr 0.05 scales every "
+                                             "weight by 1 - lr * weight_decay = -1 each step"]),
 }
 
 
@@ -291,6 +399,10 @@ EXPECT = {
                                          ["stage `train` (train) does not report `test_acc`"]),
     "a layer the model does not have": ([PRUNE], {"prune.layer_sparsity_after.fc9.weight": {"at_least": 0.4}},
                                         ["the model has no layer `fc9.weight`"]),
+    "an accuracy above 1": ([EVALUATE], {"evaluate.test_acc": {"at_least": 1.5}},
+                            ["expect.metrics.evaluate.test_acc.at_least: `evaluate.test_acc` is a fraction in [0, 1]: "
+                             ">= 1.5 can never hold"]),
+    "a negative error": ([EVALUATE], {"test_error": {"at_most": -0.1}}, ["`test_error` is a fraction in [0, 1]: <= -0.1"]),
 }
 
 
@@ -420,6 +532,32 @@ def test_pruning_a_layer_to_nothing_in_a_global_ranking_fails_the_stage(nnopt, w
     assert not (tmp_path / "out" / "tiny" / "02-prune" / "DONE").exists()
     code, _, err = nnopt("run", write_recipe(recipe_with(prune | {"allow_empty_layers": True})), "-O", tmp_path / "out")
     assert code == 0, err
+
+
+PRUNING = {
+    "sparsity 0": ([PRUNE | {"sparsity": 0.0}], {}, ["stages[1].sparsity: sparsity 0 prunes nothing"]),
+    "a prune below an earlier one": ([PRUNE, FINETUNE, PRUNE | {"name": "again", "sparsity": 0.3}], {},
+                                     ["stages[3].sparsity: sparsity 0.3 is not above the 0.5 stage `prune` left"]),
+    "a codebook larger than its layer": ([{"name": "share", "kind": "quantize", "method": "weight_sharing", "bits": 8}],
+                                         {"hidden": [4], "in_features": 32},
+                                         ["stages[1].bits: 8 bits give `fc1.weight` a codebook of 256 values for its "
+                                          "128 weights", "use at most 7 bits"]),
+    "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
+                                               "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
+                                             ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),
+}
+
+
+@pytest.mark.parametrize("case", PRUNING)
+def test_pruning_and_sharing_that_would_do_nothing(nnopt, write_recipe, case):
+    stages, model_args, fragments = PRUNING[case]
+    recipe = recipe_with(*stages)
+    recipe["model"]["args"].update(model_args)
+    refused(nnopt, write_recipe, recipe, *fragments)
+
+
+def test_pruning_further_after_an_earlier_prune_passes(nnopt, write_recipe):
+    accepted(nnopt, write_recipe, recipe_with(PRUNE, FINETUNE, PRUNE | {"name": "again", "sparsity": 0.8}))
 
 
 # ---- checks on every path: a stage that failed a check is never DONE on a rerun ----------------------
