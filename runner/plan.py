@@ -12,7 +12,9 @@ from runner import __version__
 from runner.artifacts import DONE, checkpoint_position, resume_points, stage_dir
 from runner.errors import Issue, RecipeError
 from runner.files import read_json
-from runner.provenance import INPUTS, changes, run_inputs
+from runner.provenance import INPUTS, changes, run_inputs, spec_inputs
+from runner.recipe.locate import dotted
+from runner.recipe.semantics import teacher_models
 from runner.registry import did_you_mean
 from runner.store import Store
 
@@ -62,8 +64,14 @@ def fingerprints(recipe, inputs: dict | None = None) -> list[str]:
     inputs = run_inputs(recipe) if inputs is None else inputs
     upstream = _digest({"run": shared, "inputs": inputs, "version": __version__})
     result = []
+    teachers: dict[int, dict] = {}  # a teacher given as a model: the content of its weights and code, as model's
+    for path, teacher in teacher_models(recipe):
+        teachers.setdefault(path[1], {})[dotted(path)] = spec_inputs(teacher)
     for index, spec in enumerate(recipe.stages):
-        upstream = _digest({"stage": spec.model_dump(mode="json"), "index": index, "upstream": upstream})
+        stage = {"stage": spec.model_dump(mode="json"), "index": index, "upstream": upstream}
+        if index in teachers:
+            stage["teachers"] = teachers[index]
+        upstream = _digest(stage)
         result.append(upstream)
     return result
 

@@ -12,6 +12,7 @@ from torch import nn
 from runner.lightning.objective import build_objective, distillation_loss
 from runner.lightning.resume import ResumePoints
 from runner.lightning.teacher import Teacher
+from runner.modelio import load_model
 from runner.recipe.training import CrossEntropy, Distillation
 from tests.conftest import building_folder, kill_at_step, read_metrics, synthetic_recipe
 from tests.test_resume import nnopt_process, timing
@@ -174,3 +175,75 @@ def test_a_missing_teacher_stage_is_a_located_validate_error(nnopt, write_recipe
     assert message in flat and f"{path.name}:" in flat
     if teacher == "trian":
         assert "did you mean `train`" in flat
+
+
+# ---- a teacher given as a model spec with its weights --------------------------------------------------------
+
+
+def test_a_teacher_given_as_a_model_with_weights_teaches_as_the_stage_it_came_from(nnopt, write_recipe, tmp_path,
+                                                                                   straight):
+    """The straight run's trained model, given by its stage folder instead of the stage's name: the same teacher,
+    so the distilled student comes out bit for bit the same."""
+    from runner.plan import fingerprints
+    from runner.recipe import load_recipe
+
+    recipe = _distilled_recipe()
+    teacher = {**recipe["model"], "weights": str(straight / "01-train")}
+    recipe["stages"][2]["distillation"]["teacher"] = teacher
+    path = write_recipe(recipe)
+    code, _, err = nnopt("run", path, "-O", tmp_path)
+    assert code == 0, err
+    metrics, cost = _finetune_result(tmp_path / "tiny")
+    assert metrics == _finetune_result(straight)[0]
+    expected = _weights(straight)
+    assert all(torch.equal(_weights(tmp_path / "tiny")[k], expected[k]) for k in expected)
+    assert cost["teacher"] == f"mlp ({straight / '01-train'})" and cost["teacher_params"] == 32 * 32 + 32 + 32 * 10 + 10
+
+    # the teacher's weights enter the fingerprint of the stage it teaches, and of no earlier stage
+    recipe["stages"][2]["distillation"]["teacher"]["weights"] = str(tmp_path / "teacher.pt")
+    path = write_recipe(recipe)
+    torch.save(load_model(straight / "01-train").state_dict(), tmp_path / "teacher.pt")
+    before = fingerprints(load_recipe(path))
+    other = {key: value + 0.01 for key, value in load_model(straight / "01-train").state_dict().items()}
+    torch.save(other, tmp_path / "teacher.pt")  # other weights, same path
+    after = fingerprints(load_recipe(path))
+    assert before[:2] == after[:2] and before[2] != after[2]
+
+
+def _saved_mlp(folder, name: str, **args) -> str:
+    from runner.models import MODELS
+
+    torch.save(MODELS.get("mlp")(**args).state_dict(), folder / name)
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no weights", "stages[2].distillation.teacher: a teacher model needs `weights:`"),
+    ("missing file", "stages[2].distillation.teacher.weights: no such file or folder"),
+    ("other sizes", "stages[2].distillation.teacher.weights: the weights do not fit the model: shape mismatch"),
+    ("other classes", "stages[2].distillation.teacher.weights: the model outputs 3 classes, the data has 10"),
+    ("other input", "stages[2].distillation.teacher: the teacher's forward pass fails on a batch of the data's examples"),
+])
+def test_a_missing_or_incompatible_teacher_model_is_a_located_validate_error(nnopt, write_recipe, tmp_path, case,
+                                                                             message):
+    recipe = _distilled_recipe()
+    architecture = {"hidden": [32], "in_features": 32}
+    teacher = {"name": "mlp", "args": architecture, "weights": _saved_mlp(tmp_path, "t.pt", **architecture)}
+    if case == "no weights":
+        del teacher["weights"]
+    elif case == "missing file":
+        teacher["weights"] = "nowhere/teacher.pt"
+    elif case == "other sizes":
+        teacher["weights"] = _saved_mlp(tmp_path, "wide.pt", hidden=[48], in_features=32)
+    elif case == "other classes":
+        teacher = {"name": "mlp", "args": {**architecture, "num_classes": 3},
+                   "weights": _saved_mlp(tmp_path, "three.pt", **architecture, num_classes=3)}
+    else:
+        teacher = {"name": "mlp", "args": {"hidden": [32], "in_features": 20},
+                   "weights": _saved_mlp(tmp_path, "narrow.pt", hidden=[32], in_features=20)}
+    recipe["stages"][2]["distillation"]["teacher"] = teacher
+    path = write_recipe(recipe)
+    code, _, err = nnopt("validate", path)
+    assert code == 2, err
+    flat = " ".join(err.split())
+    assert message in flat and f"{path.name}:" in flat

@@ -53,7 +53,7 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     # Lightning's deterministic=True switches torch to deterministic algorithms for the whole process;
     # scope it to this fit, since int8 kernels (quantized conv) refuse to run under that switch.
     determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    teacher = Teacher(spec.distillation.teacher, ctx.load(spec.distillation.teacher)) if spec.distillation else None
+    teacher = Teacher.of(spec.distillation.teacher, ctx) if spec.distillation else None
     if teacher is not None:
         module.teach_with(teacher)
     keeper = _keeper(spec, ctx)

@@ -1,4 +1,5 @@
-"""The teacher of a distilled fit: an earlier stage's model giving soft targets, in eval mode, without gradients."""
+"""The teacher of a distilled fit: an earlier stage's model, or a model spec with its trained weights, giving soft
+targets in eval mode, without gradients."""
 
 from __future__ import annotations
 
@@ -7,15 +8,26 @@ import time
 import torch
 from torch import nn
 
+from runner.modelio import initial_model
+
 
 class Teacher:
     """Not an nn.Module on purpose: its weights stay out of the student's optimizer, state dict and checkpoints
     (it is reloaded from its stage's finished artifact, so a resumed fit sees the same teacher)."""
 
-    def __init__(self, stage: str, model: nn.Module):
-        self.stage = stage
+    def __init__(self, label: str, model: nn.Module):
+        self.label = label  # the stage's name, or the model spec's architecture and weights
         self.model = model.eval().requires_grad_(False)
         self.seconds = 0.0  # wall time of its forward passes in this fit (the resumed part only, after a resume)
+
+    @classmethod
+    def of(cls, teacher, ctx) -> "Teacher":
+        """The `distillation.teacher` of a spec: an earlier stage's finished model by name, or a model spec
+        built and loaded with its `weights:` (checked against the data's classes, errors located in the recipe)."""
+        if isinstance(teacher, str):
+            return cls(teacher, ctx.load(teacher))
+        source = teacher.name or teacher.import_ or teacher.torchvision or teacher.timm
+        return cls(f"{source} ({teacher.weights})", initial_model(teacher, ctx.data)[0])
 
     def to(self, device: torch.device) -> None:
         self.model.to(device)
@@ -30,6 +42,6 @@ class Teacher:
         return logits
 
     def cost(self, fit_seconds: float) -> dict:
-        return {"teacher": self.stage, "teacher_params": sum(p.numel() for p in self.model.parameters()),
+        return {"teacher": self.label, "teacher_params": sum(p.numel() for p in self.model.parameters()),
                 "teacher_seconds": round(self.seconds, 3),
                 "teacher_share": round(self.seconds / fit_seconds, 4) if fit_seconds > 0 else None}

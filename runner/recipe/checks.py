@@ -16,7 +16,7 @@ from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
 from runner.recipe.locate import dotted, located_issue
 from runner.recipe.references import check_stage_references
 from runner.recipe.schema import Recipe
-from runner.recipe.semantics import training_blocks
+from runner.recipe.semantics import teacher_models, training_blocks
 from runner.recipe.source import Source, shorten
 from runner.registry import Registry, UnknownName, did_you_mean
 
@@ -111,6 +111,8 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
         seen.setdefault(stage.name, i)
 
     issues += check_model(recipe.model, source)
+    for path, teacher in teacher_models(recipe):
+        issues += check_model(teacher, source, path)
 
     issues += check_data(recipe.data, source)
 
@@ -121,7 +123,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
     return issues
 
 
-def check_model(spec, source: Source) -> list[Issue]:
+def check_model(spec, source: Source, where: tuple = ("model",)) -> list[Issue]:
     """The architecture exists and takes the recipe's arguments; hub builders are never asked to download
     weights; a weights path exists. Nothing of the user's code is called."""
     from runner.imports import ImportFailed
@@ -137,30 +139,30 @@ def check_model(spec, source: Source) -> list[Issue]:
         if hub_source(spec) is not None:  # hundreds of names: the closest, and where to list them all
             guess = did_you_mean(err.name, err.choices)
             hint = (guess + " " if guess else "") + f"{len(err.choices)} names: {hub_source(spec)}.models.list_models()"
-        return [located_issue(source, ("model", source_field), err.message, hint)]
+        return [located_issue(source, where + (source_field,), err.message, hint)]
     except (ImportFailed, MissingPackage) as err:
-        return [located_issue(source, ("model", source_field), err.message, err.hint)]
+        return [located_issue(source, where + (source_field,), err.message, err.hint)]
     if not callable(factory):
-        return [located_issue(source, ("model", "import"), f"`{spec.import_}` is a {type(factory).__name__}, not a "
+        return [located_issue(source, where + ("import",), f"`{spec.import_}` is a {type(factory).__name__}, not a "
                        "function or class that builds the model")]
 
     hub = hub_source(spec)
     if hub is None:
-        issues = check_factory_args(source, ("model", "args"), factory, spec.args)
+        issues = check_factory_args(source, where + ("args",), factory, spec.args)
     else:
         asked = hub_weight_args(hub, spec.args)
-        issues = [located_issue(source, ("model", "args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
+        issues = [located_issue(source, where + ("args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
                          "never downloads (machines without internet cannot, and the run's fingerprint could "
                          "not include them)", "save the weights once as a file (torch.save(model.state_dict(), "
                          "PATH)) and give `model.weights: PATH`") for arg in asked]
         if not issues:
-            issues = [located_issue(source, ("model", "args") + ((arg,) if arg else ()), message, hint)
+            issues = [located_issue(source, where + ("args",) + ((arg,) if arg else ()), message, hint)
                       for arg, message, hint in argument_problems(factory, spec.args)]
     path = spec.weights_path()
     problem = layout_problem(path) if path is not None else None
     if problem:
         relative = not Path(spec.weights).expanduser().is_absolute()
-        issues.append(located_issue(source, ("model", "weights"), problem,
+        issues.append(located_issue(source, where + ("weights",), problem,
                              "a relative path is relative to the recipe file's folder" if relative else None))
     return issues
 

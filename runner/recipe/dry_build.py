@@ -57,7 +57,6 @@ def _model_field(spec) -> tuple:
 def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     """Dry-build the model and check it against the data and the stages; user `import:` code runs only when
     asked (`nnopt validate --build-model`; `nnopt run` always builds it, and this check then runs before any stage)."""
-    _check_teachers(recipe, facts, found, build_user_code)
     spec = recipe.model
     if builds_user_code(spec) and not build_user_code:
         return
@@ -82,7 +81,7 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
         _check_int8(recipe, facts, found)
 
 
-def _check_teachers(recipe, facts, found, build_user_code: bool) -> None:
+def check_teachers(teachers: list[tuple[tuple, object]], facts, found, build_user_code: bool) -> None:
     """A distillation teacher given as a model is loaded as the run will load it (built on the CPU, its weights
     fitted) and must give one logit per class of the data: its logits meet the student's class by class."""
     from types import SimpleNamespace
@@ -90,13 +89,12 @@ def _check_teachers(recipe, facts, found, build_user_code: bool) -> None:
     from runner.errors import RecipeError
     from runner.modelio import initial_model
     from runner.models.weights import layout_problem
-    from runner.recipe.references import teacher_models
 
     if facts is None or facts.shape is None or facts.num_classes is None:
         return
     data = SimpleNamespace(examples=lambda split, count: (torch.zeros((count,) + tuple(facts.shape)), None),
                            num_classes=facts.num_classes)
-    for path, spec in teacher_models(recipe):
+    for path, spec in teachers:
         if (builds_user_code(spec) and not build_user_code) or layout_problem(spec.weights_path()):
             continue  # user code runs only when asked; a missing weights file is check_model's error
         try:

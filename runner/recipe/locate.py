@@ -25,6 +25,8 @@ def data_path(data: Any, loc: tuple) -> tuple:
             path += (part,)
         elif isinstance(node, dict) and part in (node.get("kind"), node.get("name"), node.get("method")):
             continue  # a union tag, not a key
+        elif isinstance(part, str) and " " in part:
+            continue  # a callable discriminator's tag ("teacher model"): field names have no spaces
         else:
             path += (part,)  # a missing or extra key: keep it so the message names it
             node = None

@@ -1,5 +1,5 @@
 """Fields that name another stage (a distillation teacher, a sensitivity scan): it must exist, come earlier,
-and be of the kind the field needs."""
+and be of the kind the field needs; teachers given as model specs instead."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def stage_references(recipe):
     """(path, named stage, kind it must have or None) for each field of the recipe naming another stage."""
     for i, stage in enumerate(recipe.stages):
         for path, block in training_blocks_of(stage, i):
-            if block.distillation is not None:
+            if block.distillation is not None and isinstance(block.distillation.teacher, str):
                 yield path + ("distillation", "teacher"), block.distillation.teacher, None
         allocation = getattr(stage, "allocation", None)
         if allocation is not None and allocation.sensitivity is not None:

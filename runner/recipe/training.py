@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from runner.recipe.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Sparsity, Spec, StageName, tag_values
+from runner.recipe.model import TeacherModel
 
 # ---- optimizers -------------------------------------------------------------------------------
 
@@ -209,9 +210,12 @@ class Distillation(Spec):
     """Knowledge distillation (Hinton et al. 2015 §2): the training loss becomes
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * the stage's `loss`;
     the T^2 keeps the soft term's gradients on the scale of the hard one's as T changes. The teacher is
-    an earlier stage's finished model; it runs in eval mode, without gradients, on the same batches."""
+    an earlier stage's finished model, or a model spec with its trained `weights:`; it runs in eval mode,
+    without gradients, on the same batches."""
 
-    teacher: StageName  # the name of an earlier stage of the recipe
+    # an earlier stage's name, or a model: {torchvision: resnet18, weights: teacher.pt} (any `model:` form)
+    teacher: Annotated[Union[Annotated[StageName, Tag("teacher stage")], Annotated[TeacherModel, Tag("teacher model")]],
+                       Discriminator(lambda value: "teacher stage" if isinstance(value, str) else "teacher model")]
     temperature: PositiveFloat = 4.0
     alpha: Fraction = 0.9  # weight of the distillation term; 1 - alpha weighs the labels' loss
 
