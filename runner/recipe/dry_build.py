@@ -84,14 +84,14 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
 def check_teachers(teachers: list[tuple[tuple, object]], facts, found, build_user_code: bool) -> None:
     """A distillation teacher given as a model is loaded as the run will load it (built on the CPU, its weights
     fitted) and must give one logit per class of the data: its logits meet the student's class by class."""
+    if not teachers or facts is None or facts.shape is None or facts.num_classes is None:
+        return
     from types import SimpleNamespace
 
     from runner.errors import RecipeError
-    from runner.modelio import initial_model
+    from runner.modelio import initial_model  # imports Torch-Pruning (slimming's replay): only for a teacher
     from runner.models.weights import layout_problem
 
-    if facts is None or facts.shape is None or facts.num_classes is None:
-        return
     data = SimpleNamespace(examples=lambda split, count: (torch.zeros((count,) + tuple(facts.shape)), None),
                            num_classes=facts.num_classes)
     for path, spec in teachers:
