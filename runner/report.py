@@ -12,13 +12,8 @@ from rich.table import Table
 from runner import __version__, plots
 from runner.files import write_json, write_text
 from runner.outcome import StageOutcome
-from runner.summary import summary_table  # noqa: F401  (the terminal summary; pipeline prints it)
+from runner.summary import HEADLINE, measured_columns, stage_cells, summary_table  # noqa: F401  (pipeline prints the summary)
 from runner.verdicts import Verdict, flat_metrics, judge, run_metrics, verdict_lines
-
-# The metrics worth a column in the one-row-per-stage summary, in this order.
-HEADLINE = ["val_acc", "test_acc", "test_error", "sparsity", "params_nonzero", "model_bytes",
-            "latency_ms_b1", "latency_ms_b256", "samples_per_second"]
-
 
 def versions() -> dict:
     return {"nnopt": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -31,10 +26,6 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _columns(outcomes: list[StageOutcome]) -> list[str]:
-    return [key for key in HEADLINE if any(key in o.metrics for o in outcomes)]
 
 
 def _final(outcomes: list[StageOutcome], key: str) -> dict:
@@ -140,16 +131,14 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
         "plots": drawn,
         "plots_notice": notice,
     })
-    columns = _columns(outcomes)
+    columns = measured_columns(outcomes)
     lines = [f"# {recipe.name}", "", recipe.description, "",
              f"Run {started} -> {finished}; nnopt {__version__}, torch {torch.__version__}, "
              f"Lightning {pytorch_lightning.__version__}, seed {recipe.seed}.", "",
              "## Stages", "",
-             "| " + " | ".join(["stage", "kind", "status", "seconds"] + columns) + " |",
-             "|" + "---|" * (4 + len(columns))]
-    for o in outcomes:
-        cells = [o.name, o.kind, o.status, f"{o.seconds:.1f}"] + [_cell(o.metrics.get(c)) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+             "| " + " | ".join(["stage", "kind", "status", "time"] + [c.header for c in columns]) + " |",
+             "|---|---|---|" + "---:|" * (1 + len(columns))]
+    lines += ["| " + " | ".join(stage_cells(o, columns)) + " |" for o in outcomes]
     lines += ["", "## Run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {_cell(value)} |" for key, value in derived.items()]
     final = next((o.metrics for o in reversed(outcomes) if "params_total" in o.metrics), {})

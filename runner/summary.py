@@ -54,6 +54,11 @@ COLUMNS = [Column("test_error", "test err", percent), Column("val_acc", "val acc
            Column("packed_bytes", "packed", size), Column("model_bytes", "model.pt", size),
            Column("latency_ms_b1", "latency b1", milliseconds), Column("latency_ms_b256", "b256", milliseconds),
            Column("samples_per_second", "samples/s", count)]
+TEST_ACC = Column("test_acc", "test acc", percent)
+# The metrics that make a stage's headline: the terminal's columns, the report's, the seeds table's rows.
+HEADLINE = [TEST_ACC.metric] + [column.metric for column in COLUMNS]
+
+
 def _cell(outcome: StageOutcome, column: Column) -> str:
     value = outcome.metrics.get(column.metric)
     return column.show(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
@@ -63,29 +68,40 @@ def _test_column(outcomes: list[StageOutcome]) -> list[Column]:
     """test_error when a stage measured it; test_acc alone only when no stage did (never both: one number)."""
     if any("test_error" in o.metrics for o in outcomes) or not any("test_acc" in o.metrics for o in outcomes):
         return []
-    return [Column("test_acc", "test acc", percent)]
+    return [TEST_ACC]
 
 
 def _table(recipe_name: str, outcomes: list[StageOutcome], columns: list[Column]) -> Table:
     stages = len(outcomes)
     table = Table(title=f"nnopt run: {recipe_name} ({stages} stage{'s' if stages != 1 else ''})", box=box.SIMPLE_HEAD,
                   title_justify="left", pad_edge=False)
-    fixed = {"stage": [o.name for o in outcomes], "kind": [o.kind for o in outcomes],
-             "status": [o.status for o in outcomes],
-             "time": [seconds(o.seconds) if o.status == "ran" else "" for o in outcomes]}  # reused: no time spent
-    if all(o.name == o.kind for o in outcomes):
-        del fixed["kind"]  # stages named after their kind: the column would repeat the names
+    fixed = ["stage", "kind", "status", "time"]
+    rows = [stage_cells(o, columns) for o in outcomes]
+    if all(o.name == o.kind for o in outcomes):  # stages named after their kind: the column would repeat the names
+        fixed.remove("kind")
+        rows = [row[:1] + row[2:] for row in rows]
     for header in fixed:
         table.add_column(header, no_wrap=True, justify="right" if header == "time" else "left")
     for column in columns:
         table.add_column(column.header, no_wrap=True, justify="right")
-    for i, outcome in enumerate(outcomes):
-        table.add_row(*(cells[i] for cells in fixed.values()), *(_cell(outcome, c) for c in columns))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
 def _width(table: Table) -> int:
     return Console(width=10_000).measure(table).maximum
+
+
+def measured_columns(outcomes: list[StageOutcome]) -> list[Column]:
+    """Every headline column some stage measured, in COLUMNS order, however wide (report.md's stage table)."""
+    return [column for column in _test_column(outcomes) + COLUMNS if any(_cell(o, column) for o in outcomes)]
+
+
+def stage_cells(outcome: StageOutcome, columns: list[Column]) -> list[str]:
+    """One stage's row: name, kind, status, time (blank when reused: no time spent), then the columns."""
+    time = seconds(outcome.seconds) if outcome.status == "ran" else ""
+    return [outcome.name, outcome.kind, outcome.status, time] + [_cell(outcome, column) for column in columns]
 
 
 def summary_table(recipe_name: str, outcomes: list[StageOutcome]) -> Table:
