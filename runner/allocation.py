@@ -30,8 +30,26 @@ def drop_curve(points: list[list[float]], start: float, baseline: float):
 
 def allocate_sparsity(scan: dict, names: list[str], target: float, bounds: dict[str, tuple[float, float]],
                       resolution: int = 4000, grid_step: float = 0.0025) -> dict:
-    """Per-layer pruned counts summing to exactly round(target * all weights), each layer within its bounds
-    and the scanned range, with the least predicted drop.
+    """Per-layer pruned counts summing to exactly round(target * all weights); see allocate_pruned."""
+    total = sum(scan["layers"][n]["size"] for n in names)
+    return allocate_pruned(scan, names, round(target * total), bounds, resolution, grid_step)
+
+
+def pruned_for(scan: dict, names: list[str], keep_params: int | None = None, keep_bytes: int | None = None) -> int:
+    """The weights to prune so that exactly `keep_params` stay nonzero in the named layers, or as many as
+    `keep_bytes` hold as fp32 values (4 bytes each, the values a sparse format stores besides its indices)."""
+    total = sum(scan["layers"][n]["size"] for n in names)
+    kept = keep_params if keep_params is not None else keep_bytes // 4
+    if kept > total:
+        raise AllocationError(f"keeping {kept:,} weights is more than the {total:,} the pruned layers have",
+                              f"keep at most {total:,} ({4 * total:,} bytes)")
+    return total - kept
+
+
+def allocate_pruned(scan: dict, names: list[str], wanted: int, bounds: dict[str, tuple[float, float]],
+                    resolution: int = 4000, grid_step: float = 0.0025) -> dict:
+    """Per-layer pruned counts summing to exactly `wanted`, each layer within its bounds and the scanned range,
+    with the least predicted drop.
 
     A dynamic program over the layers, with the number of pruned weights counted in buckets of
     1/`resolution` of all weights, picks each layer's level on a grid; a last pass moves the few weights
@@ -41,7 +59,7 @@ def allocate_sparsity(scan: dict, names: list[str], target: float, bounds: dict[
     layers = scan["layers"]
     sizes = {n: layers[n]["size"] for n in names}
     total = sum(sizes.values())
-    wanted = round(target * total)
+    target = wanted / total
     curves, low, high = {}, {}, {}
     for name in names:
         entry = layers[name]
@@ -56,8 +74,9 @@ def allocate_sparsity(scan: dict, names: list[str], target: float, bounds: dict[
                                   "widen the bounds, or scan up to higher sparsity levels")
     reachable = (sum(low.values()) / total, sum(high.values()) / total)
     if not sum(low.values()) <= wanted <= sum(high.values()):
-        raise AllocationError(f"the target sparsity {target:g} is outside what the layers can reach: "
-                              f"[{reachable[0]:.4f}, {reachable[1]:.4f}] within their bounds and the scanned levels",
+        raise AllocationError(f"the target sparsity {target:.6g} ({wanted:,} of {total:,} weights pruned) is outside "
+                              f"what the layers can reach: [{reachable[0]:.4f}, {reachable[1]:.4f}] within their "
+                              "bounds and the scanned levels",
                               "change the target or the bounds, or scan up to higher sparsity levels")
 
     bucket = max(1, total // resolution)
@@ -82,7 +101,7 @@ def allocate_sparsity(scan: dict, names: list[str], target: float, bounds: dict[
     window = np.arange(max(goal - len(names), 0), min(goal + len(names) + 1, len(best)))
     state = int(window[best[window].argmin()])
     if not np.isfinite(best[state]):  # cannot happen once the feasibility check passed; never guess
-        raise AllocationError(f"no per-layer levels reach the target sparsity {target:g}", "widen the bounds")
+        raise AllocationError(f"no per-layer levels reach the target sparsity {target:.6g}", "widen the bounds")
     pruned = {}
     for name, (counts, pick) in zip(reversed(names), reversed(choices)):
         count = int(counts[pick[state]])

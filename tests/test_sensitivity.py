@@ -10,7 +10,7 @@ from fnmatch import fnmatchcase
 import pytest
 import torch
 
-from runner.allocation import AllocationError, allocate_bits, allocate_sparsity, drop_curve
+from runner.allocation import AllocationError, allocate_bits, allocate_pruned, allocate_sparsity, drop_curve, pruned_for
 from tests.conftest import read_metrics, synthetic_recipe
 
 LEVELS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
@@ -42,6 +42,29 @@ def test_allocation_reaches_the_target_exactly_within_bounds(target):
         assert chosen["pruned"][name] == round(sparsity * SIZES[name])  # what the prune stage will remove
         assert sparsity <= LEVELS[-1]  # never beyond what was scanned
     assert chosen["predicted_total_drop"] == pytest.approx(sum(chosen["predicted_drop"].values()))
+
+
+@pytest.mark.parametrize("budget", [{"keep_params": 1372}, {"keep_params": 2750}, {"keep_params": 13760},
+                                    {"keep_bytes": 4 * 1372 + 3}, {"keep_bytes": 11_111}])
+def test_a_parameter_or_bytes_budget_is_reached_exactly_within_bounds(budget):
+    scan = _scan(SIZES, DROPS)
+    bounds = {"fc1.weight": (0.4, 0.98), "fc2.weight": (0.5, 0.95), "fc3.weight": (0.0, 0.8)}
+    chosen = allocate_pruned(scan, list(SIZES), pruned_for(scan, list(SIZES), **budget), bounds)
+    kept = sum(SIZES[name] - count for name, count in chosen["pruned"].items())
+    # every weight of the budget is used: the parameter count exactly, the most 4-byte values that fit the bytes
+    assert kept == budget.get("keep_params", budget.get("keep_bytes", 0) // 4)
+    for name, (low, high) in bounds.items():
+        assert low <= chosen["sparsity"][name] <= high
+        assert chosen["pruned"][name] == round(chosen["sparsity"][name] * SIZES[name])
+
+
+def test_a_budget_outside_the_layers_or_their_bounds_is_refused():
+    scan = _scan(SIZES, DROPS)
+    with pytest.raises(AllocationError, match="more than the 27,520 the pruned layers have"):
+        pruned_for(scan, list(SIZES), keep_params=30_000)
+    bounds = {"fc1.weight": (0.0, 0.9)}  # fc1 keeps at least 2,352: fewer kept in all cannot be reached
+    with pytest.raises(AllocationError, match="outside what the layers can reach"):
+        allocate_pruned(scan, list(SIZES), pruned_for(scan, list(SIZES), keep_params=2000), bounds)
 
 
 def test_allocation_is_as_good_as_an_exhaustive_search_on_a_fine_grid():
@@ -162,6 +185,17 @@ def test_auto_prune_reaches_the_target_within_bounds_and_a_plain_recipe_reproduc
     assert auto_masks.keys() == plain_masks.keys() and all(torch.equal(auto_masks[k], plain_masks[k]) for k in auto_masks)
 
 
+def test_auto_prune_keeps_a_bytes_budget_to_the_weight(nnopt, write_recipe, tmp_path):
+    budget = 4 * 700 + 2  # the fp32 values of 700 weights, and 2 bytes that hold no further one
+    prune = {"scope": "auto", "allocation": {"sensitivity": "scan", "keep_bytes": budget, "bounds": {"fc3": [0, 0.5]}}}
+    code, _, err = nnopt("run", write_recipe(_stages(prune)), "-O", tmp_path)
+    assert code == 0, err
+    allocation = read_metrics(tmp_path / "tiny", "03-prune")["allocation"]
+    masks = _masks(tmp_path / "tiny" / "03-prune")
+    assert sum(int(mask.sum()) for mask in masks.values()) == allocation["kept_params"] == 700
+    assert allocation["kept_bytes"] == 2800 and int(masks["fc3.parametrizations.weight.0.mask"].sum()) >= 160
+
+
 @pytest.mark.slow
 def test_auto_prune_scans_in_place_without_a_sensitivity_stage(nnopt, write_recipe, tmp_path):
     recipe = _stages({"scope": "auto", "sparsity": 0.8})
@@ -181,6 +215,10 @@ def test_auto_prune_scans_in_place_without_a_sensitivity_stage(nnopt, write_reci
     ({"scope": "layer", "sparsity": 0.9, "allocation": {"sensitivity": "scan"}}, "set `scope: auto`"),
     ({"scope": "auto", "sparsity": {"fc1": 0.9}}, "need `scope: layer`"),
     ({"scope": "auto", "sparsity": 0.9, "allocation": {"bounds": {"fc1": [0.9, 0.5]}}}, "above the maximum"),
+    ({"scope": "auto", "sparsity": 0.9, "allocation": {"keep_params": 100}}, "give one target: `sparsity`, or"),
+    ({"scope": "auto", "allocation": {"keep_params": 100, "keep_bytes": 400}}, "give one budget"),
+    ({"scope": "auto"}, "give `sparsity` (or, with `scope: auto`, `allocation.keep_params` or `keep_bytes`)"),
+    ({"scope": "layer"}, "give `sparsity`"),
 ])
 def test_allocation_mistakes_are_located_validate_errors(nnopt, write_recipe, prune, message):
     code, _, err = nnopt("validate", write_recipe(_stages(prune)))
@@ -208,7 +246,7 @@ def test_weight_sharing_bits_from_a_bytes_budget_and_from_a_drop_budget(nnopt, w
     assert allocation["sensitivity"] == "scan" and metrics["layer_bits"] == allocation["bits"]
     assert sum(n * b / 8 + 4 * 2**b for n, b in zip([1024, 1024, 160], allocation["bits"].values())) <= values // 4 + 3
 
-    recipe["stages"][-1] = {**share, "allocation": {"max_drop": 0.0, "bits": [1, 2]}}  # scanned in place
+    recipe["stages"][-1] = {**share, "allocation": {"max_drop": 0.0, "bits": [1, 2], "examples": 128}}  # scanned in place
     code, _, err = nnopt("run", write_recipe(recipe, "drop.yaml"), "-O", tmp_path / "drop")
     assert code == 0, err
     allocation = read_metrics(tmp_path / "drop" / "tiny", "04-share")["allocation"]

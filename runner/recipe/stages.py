@@ -114,9 +114,17 @@ class Allocation(Spec):
     sensitivity: StageName | None = None  # an earlier `sensitivity` stage whose scan to use; none: scan here
     scan: PruneScan = PruneScan()  # the scan made here when `sensitivity` is not given
     bounds: dict[str, tuple[Fraction, Level]] = {}  # {layer pattern: [min, max] sparsity}; later patterns win
+    keep_params: PositiveInt | None = None  # instead of `sparsity`: exactly this many weights of the pruned layers stay
+    keep_bytes: PositiveInt | None = None  # instead of `sparsity`: the kept weights' fp32 values fit this (4 bytes each)
+
+    @property
+    def keeps(self) -> bool:
+        return self.keep_params is not None or self.keep_bytes is not None
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.keep_params is not None and self.keep_bytes is not None:
+            raise ValueError("give one budget: `keep_params` or `keep_bytes`")
         if self.sensitivity is not None and "scan" in self.model_fields_set:
             raise ValueError("`scan` sets the scan made here; with `sensitivity` the named stage's scan is used")
         for pattern, (low, high) in self.bounds.items():
@@ -140,7 +148,9 @@ class PruneStage(Spec):
     method: Literal["magnitude", "random"] = "magnitude"
     norm: Literal["l1", "l2"] | None = None  # how neurons are ranked by magnitude (default l1)
     scope: Literal["layer", "global", "auto"] = "layer"
-    sparsity: Sparsity  # one target, or {module pattern: target}; later patterns override earlier ones
+    # one target, or {module pattern: target}; later patterns override earlier ones. Required, except with
+    # `scope: auto` and a budget in `allocation` (keep_params or keep_bytes) instead
+    sparsity: Sparsity | None = None
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
     parity_tolerance: PositiveFloat = 1e-4  # neurons: max |slimmed - masked| output difference allowed
     allow_empty_layers: bool = False  # true: a layer may lose every weight (the network is then cut; meant for studies)
@@ -159,6 +169,12 @@ class PruneStage(Spec):
 
     @model_validator(mode="after")
     def _consistent(self):
+        budget = self.allocation is not None and self.allocation.keeps
+        if self.sparsity is None and not budget:
+            raise ValueError("give `sparsity`" + (" (or, with `scope: auto`, `allocation.keep_params` or `keep_bytes`)"
+                                                  if self.scope == "auto" else ""))
+        if self.sparsity is not None and budget:
+            raise ValueError("give one target: `sparsity`, or `allocation.keep_params` / `keep_bytes`")
         if isinstance(self.sparsity, dict) and self.scope != "layer":
             raise ValueError(f"per-layer `sparsity` targets need `scope: layer` ({self.scope} takes one target for "
                              "all layers)")

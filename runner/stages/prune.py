@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from runner import pruning, sensitivity
-from runner.allocation import AllocationError, allocate_sparsity
+from runner.allocation import AllocationError, allocate_pruned, pruned_for
 from runner.errors import StageError
 from runner.measure import parameter_stats
 from runner.slimming import prune_neurons  # also registers the `slim` transform that artifacts replay
@@ -41,13 +41,18 @@ def _allocate(spec, model, names: list[str], ctx: StageContext) -> tuple[dict[st
         raise StageError(spec.name, f"allocation.bounds: `{unmatched[0]}` matches no pruned layer",
                          "pruned: " + ", ".join(names))
     bounds = pruning.layer_targets(names, dict(settings.bounds)) if settings.bounds else {}
+    total = sum(scan["layers"][name]["size"] for name in names)
     try:
-        chosen = allocate_sparsity(scan, names, spec.sparsity, bounds)
+        wanted = (pruned_for(scan, names, settings.keep_params, settings.keep_bytes) if settings.keeps
+                  else round(spec.sparsity * total))
+        chosen = allocate_pruned(scan, names, wanted, bounds)
     except AllocationError as err:
         raise StageError(spec.name, err.message, err.hint) from None
     # Exact fractions (JSON keeps every digit), so that the plain recipe prunes the same counts.
     reproduce = "scope: layer, sparsity: {" + ", ".join(f"{n}: {s!r}" for n, s in chosen["sparsity"].items()) + "}"
+    kept = total - wanted
     return chosen["sparsity"], {"sensitivity": source, "sparsity": chosen["sparsity"], "pruned": chosen["pruned"],
+                                "kept_params": kept, "kept_bytes": 4 * kept,
                                 "predicted_drop": chosen["predicted_drop"],
                                 "predicted_total_drop": chosen["predicted_total_drop"], "reproduce": reproduce}
 
@@ -59,7 +64,8 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         example = ctx.data().examples("test", 256)[0]  # parity and latency probe
         metrics = prune_neurons(spec, model, example, generator)
         return StageResult(metrics.pop("model"), metrics)
-    targets = pruning.resolve_targets(spec.name, model, spec.sparsity, spec.params)
+    # scope auto: the names alone (the allocation chooses each layer's level)
+    targets = pruning.resolve_targets(spec.name, model, spec.sparsity if spec.scope != "auto" else 0.0, spec.params)
     allocation = None
     if spec.scope == "auto":
         targets, allocation = _allocate(spec, model, list(targets), ctx)
@@ -68,8 +74,10 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     pruning.check_reached(spec.name, model, targets, scope, tolerance=0.0)  # one-shot pruning is exact
     if not spec.allow_empty_layers:
         pruning.check_not_emptied(spec.name, model, list(targets))
-    if allocation is not None:
-        pruning.check_reached(spec.name, model, {name: spec.sparsity for name in targets}, "global", tolerance=0.0)
+    if allocation is not None:  # the budget reached to the weight: kept_params nonzero over the pruned layers
+        total = allocation["kept_params"] + sum(allocation["pruned"].values())
+        pruning.check_reached(spec.name, model, {name: 1 - allocation["kept_params"] / total for name in targets},
+                              "global", tolerance=0.0)
         metrics["allocation"] = allocation
     metrics.update(parameter_stats(model))
     return StageResult(model, metrics)
