@@ -60,6 +60,10 @@ def run_recipe(recipe, output_root: Path, console: Console, *, force: bool = Fal
     if not ranks.is_zero:
         console = Console(quiet=True)
     with ExitStack() as held:
+        # A recipe's `trainer.threads` holds for its run only: a later run in this process (import nnopt) computes,
+        # and is fingerprinted, with the process's own count.
+        held.callback(torch.set_num_threads, torch.get_num_threads())
+
         def lock_and_plan():
             artifacts.refuse_link(run_dir)
             held.enter_context(run_lock(run_dir))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from runner import __version__
 from runner.artifacts import DONE, checkpoint_position, resume_points, stage_dir
 from runner.errors import Issue, RecipeError
@@ -53,14 +55,23 @@ def _stage_index(names: list[str], flag: str, name: str) -> int:
                       did_you_mean(name, names))
 
 
+def compute_threads(recipe) -> int:
+    """The torch intra-op threads the run computes with: `trainer.threads`, or the process's count (torch's default:
+    OMP_NUM_THREADS or the cores). torch's CPU kernels split matmuls and reductions by thread, so another count
+    changes the results' last bits (one SGD step of an MLP at batch 32 already differs), and training amplifies them."""
+    return recipe.trainer.threads or torch.get_num_threads()
+
+
 def fingerprints(recipe, inputs: dict | None = None) -> list[str]:
-    """Fingerprint of stage k = hash(its config, its position, stage k-1's fingerprint, run-wide settings,
-    the content of the weights and user code the run reads, nnopt version). Checkpoint intervals are left
-    out: with exact resume they cannot change a result; so is the weights' path (moving a project reruns nothing)
-    and are the data loader settings (each example's augmentation is seeded by the example, not the worker)."""
+    """Fingerprint of stage k = hash(its config, its position, stage k-1's fingerprint, run-wide settings with the
+    thread count the run computes with, the content of the weights and user code the run reads, nnopt version).
+    Checkpoint intervals are left out: with exact resume they cannot change a result; so is the weights' path (moving
+    a project reruns nothing) and are the data loader settings (each example's augmentation is seeded by the example,
+    not the worker)."""
     shared = recipe.model_dump(mode="json", by_alias=True, include={"seed", "model", "data", "trainer"},
                                exclude={"trainer": {"checkpoint", "loggers"}, "data": {"loader"}})
     shared["model"].pop("weights", None)
+    shared["trainer"]["threads"] = compute_threads(recipe)
     inputs = run_inputs(recipe) if inputs is None else inputs
     upstream = _digest({"run": shared, "inputs": inputs, "version": __version__})
     result = []
