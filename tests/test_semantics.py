@@ -263,6 +263,37 @@ def test_static_int8_needs_int8_kernels_for_every_layer(nnopt, write_recipe, tmp
     accepted(nnopt, write_recipe, recipe | {"stages": recipe["stages"][:1] + [QUANTIZE]}, args=("--build-model",))
 
 
+def test_user_data_with_an_empty_split_is_named(nnopt, write_recipe, tmp_path):
+    (tmp_path / "empty_user_data.py").write_text(
+        "import torch\n\ndef splits():\n    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))\n"
+        "    full = torch.utils.data.TensorDataset(x, y)\n"
+        "    return torch.utils.data.TensorDataset(x[:0], y[:0]), full, full\n")
+    recipe = recipe_with(EVALUATE)
+    recipe["data"] = {"import": "empty_user_data:splits", "batch_size": 32}
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    err = " ".join(err.split())
+    assert code == 1 and "the train Dataset `empty_user_data:splits` returned is empty" in err and "unexpected" not in err
+
+
+def test_weights_are_read_at_validate(nnopt, write_recipe, tmp_path):
+    import torch
+
+    from runner.models import build_model
+    from runner.recipe.model import ModelSpec
+
+    recipe = recipe_with(EVALUATE)
+    recipe["model"]["weights"] = "recipe.yaml"  # the recipe file itself: not a state dict
+    refused(nnopt, write_recipe, recipe, "model.weights:", "cannot be read as weights")
+    other = build_model(ModelSpec(name="mlp", args={"hidden": [8], "in_features": 32}))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    recipe["model"]["weights"] = "other.pt"  # another architecture's weights
+    refused(nnopt, write_recipe, recipe, "model.weights:")
+    fitting = build_model(ModelSpec(**recipe["model"] | {"weights": None}))
+    torch.save(fitting.state_dict(), tmp_path / "fitting.pt")
+    recipe["model"]["weights"] = "fitting.pt"
+    accepted(nnopt, write_recipe, recipe)
+
+
 def test_run_checks_the_factory_before_any_stage(nnopt, write_recipe, tmp_path):
     (tmp_path / "user_models.py").write_text(USER_MODELS)
     recipe = recipe_with(EVALUATE, model={"import": "user_models:number"})
@@ -318,6 +349,14 @@ SCHEDULES = {
     "accumulation longer than an epoch": ({"trainer": {"accumulate_grad_batches": 32}},
                                           ["stages[0].trainer.accumulate_grad_batches: accumulate_grad_batches 32 is more "
                                            "than the 16 batches of an epoch"]),
+    "early stopping on an accuracy gain above 1": ({"early_stopping": {"monitor": "val_acc", "min_delta": 2, "patience": 1}},
+                                                   ["stages[0].early_stopping.min_delta: min_delta 2 on val_acc, a fraction"]),
+    "keep best that keeps the worst epoch": ({"keep": {"epoch": "best", "monitor": "val_acc", "mode": "min"}},
+                                             ["stages[0].keep.mode: keep: best with mode min on val_acc hands on the least "
+                                              "accurate epoch"]),
+    "gradual pruning inside QAT": ({"kind": "quantize", "method": "qat", "gradual_pruning": {"sparsity": 0.5, "end": {"epochs": 2},
+                                                                                            "every": {"steps": 4}}},
+                                   ["stages[0].gradual_pruning: `quantize qat` cannot prune gradually"]),
     "weight decay that flips the weights": ({"optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 40}},
                                             ["stages[0].optimizer.weight_decay: weight_decay 40 at lr 0.05 scales every "
                                              "weight by 1 - lr * weight_decay = -1 each step"]),
@@ -542,6 +581,20 @@ PRUNING = {
                                          {"hidden": [4], "in_features": 32},
                                          ["stages[1].bits: 8 bits give `fc1.weight` a codebook of 256 values for its "
                                           "128 weights", "use at most 7 bits"]),
+    "gradual pruning inside centroid fine-tuning": ([{"name": "share", "kind": "quantize", "method": "weight_sharing", "bits": 4,
+                                                      "finetune": {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.01},
+                                                                   "gradual_pruning": {"sparsity": 0.5, "end": {"epochs": 2},
+                                                                                       "every": {"steps": 4}}}}], {},
+                                                    ["stages[1].finetune.gradual_pruning: `quantize weight_sharing` cannot "
+                                                     "prune gradually"]),
+    "scope auto beyond its scan": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.95,
+                                     "allocation": {"scan": {"sparsities": [0.5, 0.7]}}}], {},
+                                   ["stages[1].sparsity: scope auto chooses each layer's sparsity among the scanned levels, "
+                                    "and allocation.scan.sparsities holds none above 0.7: no mix of them reaches 0.95"]),
+    "scope auto beyond a sensitivity stage's scan": ([{"name": "s", "kind": "sensitivity", "sparsities": [0.5], "examples": 64},
+                                                      {"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.9,
+                                                       "allocation": {"sensitivity": "s"}}], {},
+                                                     ["stages[2].sparsity:", "stage `s` scanned none above 0.5"]),
     "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
                                                "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
                                              ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),

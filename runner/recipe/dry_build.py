@@ -71,6 +71,8 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     if parameters == 0 and trains:
         found.error(_model_field(spec), "the model has no parameters to train")
         return
+    if spec.weights is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
+        _check_weights(spec, found)
     if facts is not None and facts.shape is not None:
         _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
@@ -109,6 +111,27 @@ def check_teachers(teachers: list[tuple[tuple, object]], facts, found, build_use
             found.error(path, f"the teacher's forward pass fails on a batch of the data's examples (shape "
                         f"{tuple(facts.shape)}): {type(error).__name__}: {_first_line(error)}{_where(error)}",
                         "a teacher sees the student's batches: it must take the same input")
+
+
+def _check_weights(spec, found) -> None:
+    """`model.weights` read and fitted to the architecture as the run does (a state dict or checkpoint, never a
+    pickle that runs code): a file that is something else fails here, not after the first stage started."""
+    from runner.models.weights import WeightsError, layout_problem
+
+    if layout_problem(spec.weights_path()):
+        return  # check_model's error
+    from runner.modelio import fit_weights, read_weights, replay  # Torch-Pruning comes with slimming's replay
+
+    try:
+        model = _build(spec, "cpu")
+        weights = read_weights(spec.weights_path())
+        if weights.transforms:
+            model = replay(model, weights.transforms)
+        fit_weights(model, weights, spec.strict)
+    except BuildFailed:
+        return  # the meta build succeeded: the run names whatever makes a real one fail
+    except WeightsError as error:
+        found.error(("model",) + tuple(error.field), error.message, error.hint)
 
 
 def _forward(model: nn.Module, shape: tuple, device: str) -> torch.Tensor:

@@ -92,6 +92,39 @@ def check_pruning_sequence(recipe, found: Findings) -> None:
             sparsity, made_by = 0.0, None
 
 
+# Why a training block inside another stage cannot prune gradually (train and finetune stages can).
+NO_GRADUAL = {
+    "qat": "QAT trains the fake-quantized copy of the model, whose layers the pruning masks do not reach",
+    "weight_sharing": "the centroid fine-tuning keeps each weight in its cluster; the zeros were fixed when the "
+                      "codebooks were built",
+}
+
+
+def check_gradual_places(recipe, found: Findings) -> None:
+    for i, stage in enumerate(recipe.stages):
+        reason = NO_GRADUAL.get(getattr(stage, "method", None))
+        for path, block in training_blocks_of(stage, i):
+            if reason and block.gradual_pruning is not None:
+                found.error(path + ("gradual_pruning",), f"`quantize {stage.method}` cannot prune gradually: {reason}",
+                            "prune gradually in a train or finetune stage before quantizing")
+
+
+def check_allocation_range(recipe, found: Findings) -> None:
+    """`scope: auto` picks each layer's sparsity among the scanned levels: no mix of them passes the highest."""
+    scans = {stage.name: stage.sparsities for stage in recipe.stages if stage.kind == "sensitivity"}
+    for i, stage in enumerate(recipe.stages):
+        allocation = getattr(stage, "allocation", None)
+        if stage.kind != "prune" or allocation is None or not isinstance(stage.sparsity, float):
+            continue
+        levels = scans.get(allocation.sensitivity) if allocation.sensitivity else allocation.scan.sparsities
+        if levels and stage.sparsity > max(levels):
+            scanned = (f"stage `{allocation.sensitivity}` scanned" if allocation.sensitivity
+                       else "allocation.scan.sparsities holds")
+            found.error(("stages", i, "sparsity"), f"scope auto chooses each layer's sparsity among the scanned levels, "
+                        f"and {scanned} none above {max(levels):g}: no mix of them reaches {stage.sparsity:g}",
+                        f"scan up to at least {stage.sparsity:g}, or lower the target")
+
+
 def _sparsity_after(stage, index: int) -> float | None:
     """The uniform weight sparsity a stage leaves when its targets are one number."""
     if stage.kind == "prune" and stage.granularity == "weights" and isinstance(stage.sparsity, float):
@@ -515,6 +548,22 @@ def check_window_in_own_unit(path: tuple, block, found: Findings) -> None:
                         f"{start:g}, not before its end {end:g}")
 
 
+def check_monitors(path: tuple, block, found: Findings) -> None:
+    """What watches validation must be able to see a change: accuracy is a fraction, and loss goes down."""
+    stopping = block.early_stopping
+    if stopping is not None and stopping.monitor == "val_acc" and stopping.min_delta >= 1:
+        found.error(path + ("early_stopping", "min_delta"), f"min_delta {stopping.min_delta:g} on val_acc, a fraction "
+                    "in [0, 1]: no improvement can be that large, so training would always stop after "
+                    f"{stopping.patience} validation{'s' if stopping.patience > 1 else ''}",
+                    "give min_delta as a fraction of accuracy (0.001 is a tenth of a point)")
+    keep = block.keep
+    wrong_way = {"val_loss": "max", "val_acc": "min"}[keep.monitor]
+    if keep.epoch == "best" and keep.mode == wrong_way:
+        found.error(path + ("keep", "mode"), f"keep: best with mode {keep.mode} on {keep.monitor} hands on the "
+                    f"{'highest-loss' if keep.monitor == 'val_loss' else 'least accurate'} epoch",
+                    f"drop `mode` ({keep.monitor}'s default is {'min' if wrong_way == 'max' else 'max'})")
+
+
 def check_tuners(path: tuple, block, length: Length | None, found: Findings) -> None:
     """The LR range test sweeps min_lr up to max_lr over num_steps steps of the stage's own epochs."""
     finder = block.lr_finder
@@ -551,6 +600,7 @@ def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> Non
             length = stage_length(recipe, block, train_examples)
             check_schedule(path, block, length, found)
             check_tuners(path, block, length, found)
+            check_monitors(path, block, found)
             if train_examples:
                 _check_accumulation(recipe, path, block, train_examples, found)
             if length is not None:
@@ -706,6 +756,8 @@ def check_semantics(recipe, source: Source, build_user_code: bool = False, dry_b
     found = Findings(source)
     check_order(recipe, found)
     check_pruning_sequence(recipe, found)
+    check_allocation_range(recipe, found)
+    check_gradual_places(recipe, found)
     check_bounds(recipe, found)
     check_expect(recipe, found)
     facts = known_data(recipe.data, found)
