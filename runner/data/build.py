@@ -46,6 +46,10 @@ def _call_import(spec):
     if isinstance(made, pl.LightningDataModule):
         return made
     if isinstance(made, (tuple, list)) and len(made) == 3 and all(isinstance(d, Dataset) for d in made):
+        for split, dataset in zip(("train", "val", "test"), made):
+            if hasattr(dataset, "__len__") and len(dataset) == 0:  # before counting classes from its labels
+                raise DataUnavailable(f"the {split} Dataset `{spec.import_}` returned is empty",
+                                      "every stage needs examples: training reads train, validation val, evaluate test")
         return DatasetSplits(*made, num_classes=_class_count(made[0], spec.import_))
     raise DataUnavailable(f"`{spec.import_}` returned {type(made).__name__}, not a LightningDataModule or a "
                           "(train, val, test) tuple of torch Datasets",
