@@ -1,4 +1,5 @@
-"""`python -m bench`: training throughput, recipe wall time and artifact latency, measured
+"""`python -m bench`: startup, training throughput, the streaming data path, scale, bf16, recipe wall time and
+artifact latency, measured
 interleaved in one process (each repeat runs every variant, in rotating order, so machine noise
 hits them alike); writes medians and per-repeat ratios to bench/results.json and runner/CONTRIBUTING.md."""
 
@@ -9,10 +10,13 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -20,12 +24,17 @@ from typing import Callable
 import pytorch_lightning as pl
 import torch
 
-from bench import inference, recipes, train
+from bench import inference, recipes, streaming, train
 from bench.report import write_readme
+from runner.data.make_image_folder import SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STEPS = {"lenet_300_100": 300, "lenet5": 20}
 DEFAULT_RECIPES = ["recipes/train_lenet300.yaml", "recipes/prune_then_quant.yaml"]
+STARTUP_COMMANDS = {"nnopt validate recipes/prune_then_quant.yaml": ["-m", "runner", "validate", "recipes/prune_then_quant.yaml"],
+                    "nnopt list": ["-m", "runner", "list"], "nnopt schema": ["-m", "runner", "schema"],
+                    "python -c 'import torch' (the floor)": ["-c", "import torch"]}
+SECTIONS = ["startup", "train", "streaming", "scale", "bf16", "recipes", "inference"]
 
 
 def interleaved(tasks: dict[str, Callable[[], float]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
@@ -56,15 +65,67 @@ def bench_train(steps_by_model: dict[str, int], batch_size: int, repeats: int) -
                  for name, run in train.RUNNERS.items()}
         print(f"train {model}: {steps} steps x {len(tasks)} variants x {repeats} repeats", flush=True)
         clocks = interleaved(tasks, repeats, warmup=False)
-        entry = out[model] = {"steps": steps, "batch_size": batch_size}
-        for kind in ("wall", "cpu"):
-            seconds = {k: [getattr(c, kind) for c in v] for k, v in clocks.items()}
-            entry[kind] = {
-                "seconds": seconds,
-                "samples_per_second": {k: round(steps * batch_size / statistics.median(v), 1) for k, v in seconds.items()},
-                # speed relative to the plain loop: its seconds over theirs, repeat by repeat
-                "speed_vs_plain_loop": {k: round(ratio(seconds, "plain_loop", k), 3) for k in seconds},
-            }
+        out[model] = _clock_entry(clocks, "plain_loop", steps, batch_size)
+    return out
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_startup(commands: dict[str, list[str]], repeats: int) -> dict:
+    """Each command as a fresh process: wall seconds and the child's CPU seconds (which other jobs do not inflate)."""
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
+
+    def task(name: str) -> float:
+        before, start = _children_cpu(), time.perf_counter()
+        subprocess.run([sys.executable, *commands[name]], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        cpu[name].append(_children_cpu() - before)
+        return time.perf_counter() - start
+
+    print(f"startup: {len(commands)} commands x {repeats} repeats", flush=True)
+    wall = interleaved({name: (lambda name=name: task(name)) for name in commands}, repeats, warmup=False)
+    return {name: {"wall_seconds": wall[name], "cpu_seconds": [round(c, 3) for c in cpu[name]],
+                   "median_wall_seconds": round(statistics.median(wall[name]), 2),
+                   "median_cpu_seconds": round(statistics.median(cpu[name]), 2)} for name in commands}
+
+
+def _clock_entry(clocks: dict[str, list], reference: str, steps: int, batch_size: int) -> dict:
+    """Per variant: seconds, samples per second, and speed relative to `reference` (wall and CPU)."""
+    entry: dict = {"steps": steps, "batch_size": batch_size}
+    for kind in ("wall", "cpu"):
+        seconds = {k: [getattr(c, kind) for c in v] for k, v in clocks.items()}
+        entry[kind] = {"seconds": seconds,
+                       "samples_per_second": {k: round(steps * batch_size / statistics.median(v), 1)
+                                              for k, v in seconds.items()},
+                       "speed_vs_" + reference: {k: round(ratio(seconds, reference, k), 3) for k in seconds}}
+    return entry
+
+
+def bench_streaming(folder: Path, per_class: int, image_size: int, batch_size: int, steps: int, workers,
+                    repeats: int) -> dict:
+    root = streaming.make_folder(folder / "images", per_class, image_size)
+    tasks = streaming.streaming_tasks(root, image_size, batch_size, steps, workers)
+    print(f"streaming resnet18 {image_size}px: {steps} steps x {len(tasks)} variants x {repeats} repeats", flush=True)
+    entry = _clock_entry(interleaved(tasks, repeats), "pre_decoded", steps, batch_size)
+    entry.update(image_size=image_size, train_images=per_class * len(SHAPES), workers=workers)
+    return entry
+
+
+def bench_bf16(folder: Path, per_class: int, image_size: int, batch_size: int, steps: dict[str, int],
+               repeats: int) -> dict:
+    root = streaming.make_folder(folder / "images", per_class, image_size)
+    tasks, accuracies = streaming.bf16_tasks(train.load_mnist(128), root, image_size, batch_size, steps)
+    print(f"bf16: {len(tasks)} variants x {repeats} repeats", flush=True)
+    clocks = interleaved(tasks, repeats)
+    out = {}
+    for model in steps:
+        pair = {precision: clocks[f"{model}|{precision}"] for precision in ("32-true", "bf16-mixed")}
+        out[model] = _clock_entry(pair, "32-true", steps[model], 128 if model == "lenet5" else batch_size)
+        out[model]["test_accuracy"] = {precision: statistics.median(accuracies[f"{model}|{precision}"])
+                                       for precision in pair}
     return out
 
 
@@ -119,12 +180,20 @@ def conditions(args) -> dict:
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--sections", nargs="+", choices=["train", "recipes", "inference"],
-                        default=["train", "recipes", "inference"])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats for train and latency")
     parser.add_argument("--steps", nargs="+", metavar="MODEL=STEPS",
                         default=[f"{k}={v}" for k, v in DEFAULT_STEPS.items()])
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=64, help="streaming and bf16: generated image side")
+    parser.add_argument("--images-per-class", type=int, default=96, help="streaming: training images per class (4)")
+    parser.add_argument("--image-batch-size", type=int, default=32)
+    parser.add_argument("--stream-steps", type=int, default=10, help="streaming: steps per run (under one epoch)")
+    parser.add_argument("--workers", default="auto", help="streaming and scale: loader workers (auto: cores less one)")
+    parser.add_argument("--scale-factors", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--scale-per-class", type=int, default=8, help="scale: training images per class at 1x")
+    parser.add_argument("--scale-image-size", type=int, default=32)
+    parser.add_argument("--bf16-steps", nargs="+", metavar="MODEL=STEPS", default=["lenet5=20", "resnet18=4"])
     parser.add_argument("--recipes", nargs="+", type=Path, default=[ROOT / p for p in DEFAULT_RECIPES],
                         help="recipes timed end to end; missing files are skipped and reported")
     parser.add_argument("--recipe-repeats", type=int, default=1)
@@ -146,9 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"conditions": conditions(args)}
     keep = Path(tempfile.mkdtemp(prefix="nnopt-bench-"))
     try:
+        workers = args.workers if args.workers == "auto" else int(args.workers)
+        if "startup" in args.sections:
+            results["startup"] = bench_startup(STARTUP_COMMANDS, args.repeats)
         if "train" in args.sections:
             steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.steps)}
             results["train"] = bench_train(steps, args.batch_size, args.repeats)
+        if "streaming" in args.sections:
+            results["streaming"] = bench_streaming(keep, args.images_per_class, args.image_size, args.image_batch_size,
+                                                   args.stream_steps, workers, args.repeats)
+        if "scale" in args.sections:
+            results["scale"] = streaming.bench_scale(keep / "scale", args.scale_factors, args.scale_per_class,
+                                                     args.scale_image_size, args.image_batch_size, workers, args.threads)
+        if "bf16" in args.sections:
+            steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.bf16_steps)}
+            results["bf16"] = bench_bf16(keep, args.images_per_class, args.image_size, args.image_batch_size, steps,
+                                         args.repeats)
         run_dirs = list(args.artifacts)
         if "recipes" in args.sections:
             present = [p.resolve() for p in args.recipes if p.is_file()]

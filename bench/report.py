@@ -6,7 +6,7 @@ from pathlib import Path
 
 START, END = "<!-- bench:start (written by python -m bench) -->", "<!-- bench:end -->"
 VARIANTS = {"plain_loop": "plain loop", "plain_loop_foreach": "plain loop, foreach SGD", "plain_lightning": "plain Lightning",
-            "nnopt": "nnopt train stage"}
+            "bare_lightning": "bare Lightning, foreach SGD", "nnopt": "nnopt train stage"}
 
 
 def tables(results: dict) -> str:
@@ -14,6 +14,12 @@ def tables(results: dict) -> str:
     lines = [f"`{c['command']}` on {c['date'][:10]}: torch {c['torch']}, Lightning {c['pytorch_lightning']}, "
              f"{c['cpu_count']} cores shared with other jobs (load {c['load_average_at_start'][0]} at start), "
              f"torch pinned to {c['torch_threads']} thread(s), medians of {c['repeats']} interleaved repeats.", ""]
+    if "startup" in results:
+        lines += ["| command (fresh process) | wall | CPU |", "|---|---|---|"]
+        for name, entry in results["startup"].items():
+            lines.append(f"| `{name}` | {entry['median_wall_seconds']:.2f} s | {entry['median_cpu_seconds']:.2f} s |")
+        lines += ["", "Medians; CPU is the child process's user+system time, which the other jobs on the shared cores "
+                  "inflate less than wall time.", ""]
     if "train" in results:
         lines += ["| training (batch 128, SGD Nesterov + cosine) | " + " | ".join(VARIANTS.values()) + " |",
                   "|---" * (len(VARIANTS) + 1) + "|"]
@@ -25,6 +31,37 @@ def tables(results: dict) -> str:
         lines += ["", "Samples per wall-clock second; in brackets the speed relative to the plain loop (median of "
                   "per-repeat ratios) by wall time and by process CPU time (which the other jobs on the shared cores "
                   "do not inflate).", ""]
+    if "streaming" in results:
+        entry = results["streaming"]
+        wall, cpu = entry["wall"], entry["cpu"]
+        lines += [f"| resnet18, {entry['image_size']}px, batch {entry['batch_size']}, {entry['steps']} steps, "
+                  f"{entry['train_images']} training images | samples/s | speed vs pre-decoded (wall) | "
+                  "training process CPU time |", "|---|---|---|---|"]
+        for name, label in (("image_folder", f"image folder, {entry['workers']} worker(s) decode + augment"),
+                            ("pre_decoded", "the same images pre-decoded in memory")):
+            lines.append(f"| {label} | {wall['samples_per_second'][name]:,.1f} | "
+                         f"{wall['speed_vs_pre_decoded'][name]:.3f}x | {cpu['speed_vs_pre_decoded'][name]:.3f}x |")
+        lines += ["", "Train stage wall time (workers started, batches decoded and augmented in them); the CPU column "
+                  "counts only the training process, so it shows what the workers took off it.", ""]
+    if "scale" in results:
+        lines += ["| streaming, one epoch (resnet18) | training images | epoch | samples/s | peak RSS, trainer | "
+                  "peak RSS, a worker |", "|---|---|---|---|---|---|"]
+        for factor, entry in results["scale"].items():
+            lines.append(f"| {factor} | {entry['train_images']} | {entry['epoch_seconds']:.2f} s | "
+                         f"{entry['samples_per_second']:,.1f} | {entry['peak_rss_mb']:,.0f} MB | "
+                         f"{entry['worker_peak_rss_mb']:,.0f} MB |")
+        lines += ["", "Each size in a fresh process (one run each); the epoch includes its validation pass.", ""]
+    if "bf16" in results:
+        lines += ["| CPU precision | fp32 | bf16-mixed | bf16 speed vs fp32 (wall; CPU) | test accuracy fp32 / bf16 |",
+                  "|---|---|---|---|---|"]
+        for model, entry in results["bf16"].items():
+            wall, cpu, acc = entry["wall"], entry["cpu"], entry["test_accuracy"]
+            lines.append(f"| {model}, {entry['steps']} steps, batch {entry['batch_size']} | "
+                         f"{wall['samples_per_second']['32-true']:,.0f}/s | {wall['samples_per_second']['bf16-mixed']:,.0f}/s | "
+                         f"{wall['speed_vs_32-true']['bf16-mixed']:.3f}x; {cpu['speed_vs_32-true']['bf16-mixed']:.3f}x | "
+                         f"{acc['32-true']:.4f} / {acc['bf16-mixed']:.4f} |")
+        lines += ["", "`trainer.precision: bf16-mixed` (torch.autocast on CPU) against `32-true`, same seed and steps; "
+                  "accuracy of the trained weights in fp32 on the test split.", ""]
     if results.get("recipes") or results.get("recipes_missing"):
         lines += ["| recipe end to end | wall time |", "|---|---|"]
         for name, entry in results.get("recipes", {}).items():

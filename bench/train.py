@@ -113,15 +113,36 @@ class _PlainModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def plain_lightning(model_name: str, data, steps: int):
-    """Lightning's defaults on the same in-memory batches; no files (logger, checkpoints) or progress bar."""
-    module = _PlainModule(_model(model_name), steps)
+class _BareModule(_PlainModule):
+    """Lightning's floor: no logging at all, and nnopt's kernels (foreach SGD, index_select batches)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        optimizer = _sgd(self.model, foreach=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_cosine, steps=self.steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _fit_lightning(module: pl.LightningModule, data, steps: int):
     batches = TensorBatches(*data.train, data.batch_size, shuffle=True, seed=SEED)
     clock = Clock()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=batches)
     return clock.stop(), module.model
+
+
+def plain_lightning(model_name: str, data, steps: int):
+    """Lightning's defaults on the same in-memory batches; no files (logger, checkpoints) or progress bar."""
+    return _fit_lightning(_PlainModule(_model(model_name), steps), data, steps)
+
+
+def bare_lightning(model_name: str, data, steps: int):
+    """Lightning's own loop and nothing else on nnopt's kernels: what no LightningModule can go below."""
+    return _fit_lightning(_BareModule(_model(model_name), steps), data, steps)
 
 
 def nnopt_recipe(model_name: str, steps: int, batch_size: int) -> Recipe:
@@ -138,21 +159,25 @@ def _no_earlier_stage(name: str):
     raise AssertionError(f"the bench's train stage has no earlier stage `{name}`")
 
 
-def nnopt_stage(model_name: str, data, steps: int):
-    """nnopt's train stage as a recipe runs it: Trainer from the recipe, CSV log and LR monitor on."""
-    recipe = nnopt_recipe(model_name, steps, data.batch_size)
-    model = _model(model_name)
+def run_stage(recipe: Recipe, model: torch.nn.Module, data) -> tuple[Clock, torch.nn.Module, dict]:
+    """The recipe's first stage (a training stage) on `data`, in a throwaway folder: its Clock, model and metrics."""
     with tempfile.TemporaryDirectory() as folder:
-        ctx = StageContext(name="train", folder=Path(folder), seed=SEED, data=lambda: data,
+        ctx = StageContext(name="train", folder=Path(folder), seed=recipe.seed, data=lambda: data,
                            trainer=functools.partial(build_trainer, recipe.trainer), model_spec=recipe.model,
                            load=_no_earlier_stage, artifact=_no_earlier_stage)
         clock = Clock()
         result = STAGES.get("train")(recipe.stages[0], model, ctx)
-        return clock.stop(), result.model
+        return clock.stop(), result.model, result.metrics
+
+
+def nnopt_stage(model_name: str, data, steps: int):
+    """nnopt's train stage as a recipe runs it: Trainer from the recipe, CSV log and LR monitor on."""
+    clock, model, _ = run_stage(nnopt_recipe(model_name, steps, data.batch_size), _model(model_name), data)
+    return clock, model
 
 
 RUNNERS = {"plain_loop": plain_loop, "plain_loop_foreach": plain_loop_foreach, "plain_lightning": plain_lightning,
-           "nnopt": nnopt_stage}
+           "bare_lightning": bare_lightning, "nnopt": nnopt_stage}
 
 
 def load_mnist(batch_size: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench import train
@@ -37,3 +38,48 @@ def test_harness_writes_results_and_readme_table(tmp_path):
     bench_main(["--sections", "train", "--repeats", "1", "--steps", "lenet_300_100=1",
                 "--out", str(tmp_path / "r.json"), "--readme", str(readme)])
     assert readme.read_text().count("bench:start") == 1  # rewritten in place, not appended twice
+
+
+@pytest.mark.slow  # fresh processes for startup and scale: about 75 s of CPU
+def test_streaming_scale_bf16_and_startup_sections_write_their_tables(tmp_path):
+    """Tiny configurations of the newer sections: structure and a table each, never timings."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    code = bench_main(["--sections", "startup", "streaming", "scale", "bf16", "--repeats", "1",
+                       "--images-per-class", "4", "--image-size", "16", "--image-batch-size", "4", "--stream-steps", "1",
+                       "--workers", "1", "--scale-factors", "1", "2", "--scale-per-class", "2", "--scale-image-size", "16",
+                       "--bf16-steps", "lenet5=1", "resnet18=1", "--out", str(tmp_path / "r.json"),
+                       "--readme", str(readme)])
+    assert code == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results["startup"]) == {"nnopt validate recipes/prune_then_quant.yaml", "nnopt list", "nnopt schema",
+                                       "python -c 'import torch' (the floor)"}
+    assert all(entry["median_cpu_seconds"] > 0 for entry in results["startup"].values())
+    stream = results["streaming"]
+    assert stream["train_images"] == 16 and stream["wall"]["speed_vs_pre_decoded"]["pre_decoded"] == 1.0
+    assert set(stream["cpu"]["seconds"]) == {"image_folder", "pre_decoded"}
+    scale = results["scale"]
+    assert [entry["train_images"] for entry in scale.values()] == [8, 16]  # 2 and 4 images per class, 4 classes
+    assert all(entry["peak_rss_mb"] > 50 and entry["epoch_seconds"] > 0 for entry in scale.values())
+    for model in ("lenet5", "resnet18"):
+        entry = results["bf16"][model]
+        assert set(entry["wall"]["seconds"]) == {"32-true", "bf16-mixed"}
+        assert all(0 <= accuracy <= 1 for accuracy in entry["test_accuracy"].values())
+    table = readme.read_text()
+    for heading in ("| `nnopt list` |", "| image folder, 1 worker(s)", "| 2x | 16 |", "| lenet5, 1 steps"):
+        assert heading in table, heading
+
+
+def test_pre_decoded_images_are_the_folder_s_images(tmp_path):
+    from bench import streaming
+    from runner.data.build import build_data
+
+    root = streaming.make_folder(tmp_path / "images", per_class=3, image_size=16)
+    recipe = streaming.image_recipe(root, 16, 4, 0, steps=1)
+    streamed = build_data(recipe.data, recipe.seed)
+    decoded = streaming.pre_decoded(streamed, recipe)
+    for split in ("train", "val", "test"):
+        images, labels = getattr(decoded, split)
+        assert len(labels) == streamed.split_size(split) and images.shape[1:] == (3, 16, 16)
+        first = streamed.examples(split, 2)
+        assert torch.equal(images[:2], first[0]) and torch.equal(labels[:2], first[1])

@@ -63,8 +63,6 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
         es = spec.early_stopping
         callbacks.append(EarlyStopping(monitor=es.monitor, mode="min" if es.monitor == "val_loss" else "max",
                                        patience=es.patience, min_delta=es.min_delta))
-    shards = RankExamples()  # records nothing in a one-process fit
-    callbacks.append(shards)
     trainer = ctx.build_trainer(
         callbacks=callbacks,
         override=spec.trainer,
@@ -74,6 +72,11 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
         gradient_clip_algorithm=spec.gradient_clip_algorithm if spec.gradient_clip else None,
         check_val_every_n_epoch=spec.val_every_epochs,
     )
+    shards = RankExamples()
+    if trainer.world_size > 1:
+        # Only a multi-process fit has shards to record; Lightning calls every callback's every hook on every
+        # step whether it acts or not, so a one-process fit is spared that cost.
+        trainer.callbacks.insert(0, shards)
     metrics: dict = {}
     with interrupts_reach_us(trainer):
         _tune(spec, module, data, trainer, metrics, ctx)
