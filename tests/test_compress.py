@@ -204,6 +204,30 @@ def test_packed_shared_model_is_exact_and_its_bytes_are_accounted_for(pruned, tm
     assert breakdown["streams"]["header"] < 400
 
 
+def test_floats_rounded_to_float16_pack_in_two_bytes_and_decode_exactly(pruned, tmp_path):
+    shared, _ = sharing.share_weights(pruned, 6, 20)
+    full = packed.pack(shared, SPEC).breakdown["streams"]
+    sharing.round_floats_to_float16(shared)
+    for name, tensor in shared.state_dict().items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float32 and torch.equal(tensor.half().float(), tensor), name
+    result = packed.write_packed(shared, SPEC, tmp_path / "model.dcz")
+    half = result.breakdown["streams"]
+    # 410 biases and 3 x 64 centroids: about half the bytes each, the weights' streams unchanged
+    assert half["biases"] <= 0.6 * full["biases"] and half["codebooks"] <= 0.6 * full["codebooks"]
+    assert half["positions"] == full["positions"] and half["values"] == full["values"]
+    images = torch.rand(64, 1, 28, 28)
+    assert torch.equal(load_packed(tmp_path / "model.dcz")(images), shared(images))
+
+
+def test_float16_rounding_refuses_values_beyond_its_range():
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.bias[0] = 1e6
+    with pytest.raises(ValueError, match="`bias` holds values beyond float16's range"):
+        sharing.round_floats_to_float16(model)
+
+
 @pytest.mark.slow
 def test_quantize_stage_reports_where_the_packed_bytes_go(nnopt, write_recipe, tmp_path):
     stages = [{"name": "train", "kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},

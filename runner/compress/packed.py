@@ -8,7 +8,8 @@ the entries name, back to back. Every tensor is stored whichever way is smallest
   entry when a gap overflows, offsets and values Huffman-coded, §3-4); or, for sparse tensors, ours:
   where the entries are (a context-modelled bit per position) and what they hold (a bit tree per
   value), both arithmetic-coded (runner.compress.contexts);
-- floats (biases, codebooks): raw, or their byte planes arithmetic-coded.
+- floats (biases, codebooks): raw, or their byte planes arithmetic-coded; in 2 bytes each when every value
+  is exactly a float16 (a weight-sharing stage with `floats: float16` rounds them so).
 `pack` also returns where the bytes went, per stream and per layer: the quantize stage reports it.
 """
 
@@ -249,9 +250,14 @@ def _encode_tensor(streams: _Streams, name: str, tensor: torch.Tensor, state: di
     shape = tuple(tensor.shape)
     if tensor.dtype.is_floating_point:
         role = _float_role(name, state)
-        forms = [({"kind": "raw"}, [(role, array.tobytes())])]
+        stored, fields = array, {}
+        with np.errstate(over="ignore"):  # beyond float16's range: inf, unequal, so kept as it is
+            exact_in_half = array.dtype.itemsize > 2 and np.array_equal(array.astype(np.float16).astype(array.dtype), array)
+        if exact_in_half:
+            stored, fields = array.astype(np.float16), {"stored": "float16"}  # exact: the decoder widens it back
+        forms = [({"kind": "raw", **fields}, [(role, stored.tobytes())])]
         if 0 < array.size <= FLOAT_CODING_LIMIT:
-            forms.append(({"kind": "floats"}, [(role, contexts.encode_floats(array.ravel()))]))
+            forms.append(({"kind": "floats", **fields}, [(role, contexts.encode_floats(stored.ravel()))]))
     else:  # integers and booleans (pruning masks)
         flat = array.ravel().astype(np.int64)
         forms = _integer_forms(flat, shape, array.tobytes())
@@ -411,13 +417,14 @@ def _huffman_decode(entry: dict, prefix: str, table: bytes, bits: bytes) -> np.n
 
 def _decode_tensor(entry: dict, reader: _Reader) -> torch.Tensor:
     dtype, shape = _numpy_dtype(entry["dtype"]), entry["shape"]
+    stored = _numpy_dtype(entry.get("stored", entry["dtype"]))
     count = int(np.prod(shape))
     streams = [reader.take(length) for length in entry["streams"]]
     kind = entry["kind"]
     if kind == "raw":
-        flat = np.frombuffer(streams[0], dtype=dtype).copy()
+        flat = np.frombuffer(streams[0], dtype=stored).astype(dtype)
     elif kind == "floats":
-        flat = contexts.decode_floats(streams[0], count, dtype)
+        flat = contexts.decode_floats(streams[0], count, stored).astype(dtype)
     elif kind == "huffman":
         flat = _huffman_decode(entry, "", *streams).astype(dtype)
     elif kind == "sparse_huffman":

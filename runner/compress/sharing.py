@@ -85,6 +85,19 @@ def share_weights(model: nn.Module, bits: int | dict[str, int], iterations: int)
     return shared, metrics
 
 
+def round_floats_to_float16(model: nn.Module) -> None:
+    """Every float parameter and buffer (codebooks, biases, BatchNorm) set to its nearest float16 value, in its
+    own dtype: the packed artifact then stores each in 2 bytes, exactly (runner.compress.packed)."""
+    largest = torch.finfo(torch.float16).max
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point() or tensor.dtype == torch.float16:
+                continue
+            if tensor.numel() and float(tensor.abs().max()) > largest:
+                raise ValueError(f"`{name}` holds values beyond float16's range (|x| > {largest:g})")
+            tensor.copy_(tensor.to(torch.float16).to(tensor.dtype))
+
+
 def distinct_values(model: nn.Module) -> dict[str, int]:
     """Distinct nonzero values per shared weight, as the forward pass sees them."""
     return {f"{name}.weight": int(torch.unique(module.weight.detach()[module.weight.detach() != 0]).numel())

@@ -342,6 +342,9 @@ class WeightSharing(Spec):
     allocation: BitsAllocation | None = None  # per-layer bits chosen under a budget instead of `bits`
     kmeans_iterations: PositiveInt = 50
     finetune: Training | None = None  # centroid fine-tuning (§3.3): a centroid's gradient sums its members'
+    # float16: after fine-tuning, every float the artifact stores (codebooks, biases) is rounded to float16 and
+    # packed in 2 bytes instead of 4; lossy, so the stage's val_acc is measured after the rounding
+    floats: Literal["float32", "float16"] = "float32"
     stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.QUANTIZE + declared.SIZE + declared.WEIGHT_SHARING
 
     def declared_metrics(self) -> tuple[declared.Metric, ...]:

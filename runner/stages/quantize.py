@@ -177,6 +177,11 @@ def _weight_sharing(spec: WeightSharing, model, ctx: StageContext):
         module = ClassifierModule(shared, spec.finetune, ctx.data().num_classes)
         metrics.update({f"finetune_{k}": v for k, v in fit(spec.finetune, module, ctx).items()})
         shared = module.model
+    if spec.floats == "float16":
+        try:
+            sharing.round_floats_to_float16(shared)
+        except ValueError as err:
+            raise StageError(spec.name, f"`floats: float16` cannot hold this model: {err}", "keep `floats: float32`") from None
     metrics["distinct_values"] = sharing.distinct_values(shared)
     return shared, metrics
 
