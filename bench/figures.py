@@ -20,7 +20,8 @@ the reproduction table (the recipe's `expect` rules, what the run reached, the v
 the command), and with --metric a row of the measured table per NAME: `STAGE.KEY` (a stage's metrics.json,
 nested keys by dots: `prune.layer_sparsity_after.fc1.weight`) or a run-level metric (`test_error`). The command is
 rebuilt from the recipe file that owns the folder and checked: loading that file with its overrides must give the
-run's recipe exactly. A folder that fails the check, or has no finished run, gives no row: exit 1."""
+run's recipe exactly, with `trainer.threads` set to the count the run computed with (results depend on it). A
+folder that fails the check, or has no finished run, gives no row: exit 1."""
 
 RUN_LEVEL = ("test_error", "test_acc", "weights_kept", "compression_ratio", "bytes", "latency_ratio", "wall_seconds")
 PERCENT_SUFFIXES = ("error", "acc", "kept", "sparsity")  # fractions shown as percentages
@@ -100,7 +101,7 @@ def command(run: Run, cwd: Path) -> str:
     recipe_file = Path(owner.read_text().strip())
     if not recipe_file.is_file():
         raise FigureError(f"the recipe file that made {run.folder}, {recipe_file}, is gone")
-    ran = run.run_json(run.singles[0])["recipe"]
+    ran = _with_threads(run)
     try:
         dumped = load_recipe(recipe_file).model_dump(mode="json", by_alias=True)
     except RecipeError as error:
@@ -127,6 +128,20 @@ def command(run: Run, cwd: Path) -> str:
     if root != (cwd / "outputs").resolve():
         words += ["-O", _shown_path(root, cwd)]
     return shlex.join(words)
+
+
+def _with_threads(run: Run) -> dict:
+    """The run's recipe with the thread count it computed with: a run that left `trainer.threads` unset is
+    reproduced (and its artifacts reused: the fingerprint holds the count) by the command that sets it."""
+    records = [run.run_json(single) for single in run.singles]
+    counts = sorted({record["threads"] for record in records})
+    if len(counts) > 1:
+        raise FigureError(f"its seeds ran with different thread counts ({', '.join(map(str, counts))}): their "
+                          "results do not come from one command")
+    recipe = records[0]["recipe"]
+    if recipe["trainer"].get("threads") is None:
+        recipe["trainer"]["threads"] = counts[0]
+    return recipe
 
 
 def _first_difference(now, then, path: str = "") -> tuple[str, object, object]:

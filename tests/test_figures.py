@@ -47,8 +47,9 @@ def test_rows_carry_the_run_figures_and_a_command_that_reproduces_it(seeded_run,
     assert measured[1].startswith(f"{100 * statistics.fmean(val_acc):.2f}% ± ")
 
     command = shlex.split(reproduction[5].strip("`"))
-    assert command == ["nnopt", "run", "recipe.yaml", "-o", "stages.train.optimizer.lr=0.04", "--seeds", "0,1",
-                       "-O", "out"]
+    threads = json.loads((run_dir / "seed-0" / "run.json").read_text())["threads"]  # the recipe leaves it unset
+    assert command == ["nnopt", "run", "recipe.yaml", "-o", f"trainer.threads={threads}",
+                       "-o", "stages.train.optimizer.lr=0.04", "--seeds", "0,1", "-O", "out"]
     code, out, err = nnopt(*command[1:])  # the same run: every stage of both seeds reused
     assert code == 0, err
     plan = re.findall(r"^  (run|reuse|skip) +\w+ \(", out, re.MULTILINE)
