@@ -573,7 +573,8 @@ def test_pruning_a_layer_to_nothing_in_a_global_ranking_fails_the_stage(nnopt, w
     assert code == 0, err
 
 
-PRUNING = {
+# Stages whose settings cannot do what they say: (stages after train, model args, fragments).
+STAGE_SETTINGS = {
     "sparsity 0": ([PRUNE | {"sparsity": 0.0}], {}, ["stages[1].sparsity: sparsity 0 prunes nothing"]),
     "a prune below an earlier one": ([PRUNE, FINETUNE, PRUNE | {"name": "again", "sparsity": 0.3}], {},
                                      ["stages[3].sparsity: sparsity 0.3 is not above the 0.5 stage `prune` left"]),
@@ -595,15 +596,25 @@ PRUNING = {
                                                       {"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.9,
                                                        "allocation": {"sensitivity": "s"}}], {},
                                                      ["stages[2].sparsity:", "stage `s` scanned none above 0.5"]),
+    "a bytes budget below the codebooks": ([{"name": "share", "kind": "quantize", "method": "weight_sharing",
+                                             "allocation": {"max_bytes": 1, "bits": [2, 4]}}], {},
+                                           ["stages[1].allocation.max_bytes: max_bytes 1 is below what the 2 shared layers' "
+                                            "codebooks alone take at 2 bits (32 bytes)"]),
+    "a temperature whose square is 0 in float32": ([FINETUNE | {"distillation": {"teacher": "train", "temperature": 1e-30}}], {},
+                                                   ["stages[1].distillation.temperature: temperature 1e-30: the soft term "
+                                                    "is scaled by T^2 = 1e-60, which is 0 in float32"]),
+    "an ONNX tolerance below float32's resolution": ([{"name": "x", "kind": "export", "formats": ["onnx"], "tolerance": 1e-9}],
+                                                     {}, ["stages[1].tolerance: tolerance 1e-09 is below float32's "
+                                                          "resolution"]),
     "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
                                                "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
                                              ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),
 }
 
 
-@pytest.mark.parametrize("case", PRUNING)
-def test_pruning_and_sharing_that_would_do_nothing(nnopt, write_recipe, case):
-    stages, model_args, fragments = PRUNING[case]
+@pytest.mark.parametrize("case", STAGE_SETTINGS)
+def test_stage_settings_that_cannot_work(nnopt, write_recipe, case):
+    stages, model_args, fragments = STAGE_SETTINGS[case]
     recipe = recipe_with(*stages)
     recipe["model"]["args"].update(model_args)
     refused(nnopt, write_recipe, recipe, *fragments)

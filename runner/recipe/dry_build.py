@@ -77,6 +77,7 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
         _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
     _check_codebooks(recipe, model, found)
+    _check_bytes_budget(recipe, model, found)
     _check_structure(recipe, model, facts, found)
     check_expect_layers(recipe, model, found)
     if facts is not None and facts.shape is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
@@ -269,6 +270,27 @@ def _check_codebooks(recipe, model: nn.Module, found) -> None:
                             "weights: nothing is shared, and the codebook outweighs the layer",
                             f"use at most {size.bit_length() - 1} bits for it")
                 break
+
+
+def _check_bytes_budget(recipe, model: nn.Module, found) -> None:
+    """A bytes budget below what the shared layers' codebooks alone take at the narrowest width cannot be met."""
+    from runner.allocation import layer_bytes
+    from runner.pruning import prunable_names
+
+    scans = {stage.name: stage.bits for stage in recipe.stages if stage.kind == "sensitivity"}
+    for i, stage in enumerate(recipe.stages):
+        allocation = getattr(stage, "allocation", None)
+        if getattr(stage, "method", None) != "weight_sharing" or allocation is None or allocation.max_bytes is None:
+            continue
+        widths = scans.get(allocation.sensitivity) if allocation.sensitivity else allocation.bits
+        layers = prunable_names(model)
+        if not widths or not layers:
+            continue
+        least = sum(layer_bytes(0, min(widths)) for _ in layers)
+        if allocation.max_bytes < least:
+            found.error(("stages", i, "allocation", "max_bytes"), f"max_bytes {allocation.max_bytes} is below what the "
+                        f"{len(layers)} shared layers' codebooks alone take at {min(widths)} bits ({least:,.0f} bytes), "
+                        "before any weight is counted", f"allow more than {least:,.0f} bytes")
 
 
 def _check_structure(recipe, model: nn.Module, facts, found) -> None:

@@ -636,6 +636,9 @@ def _non_finite(node, path: tuple = ()):
             yield from _non_finite(value, path + (index,))
 
 
+FLOAT32_EPSILON = 2.0**-23  # the spacing of float32 numbers near 1: differences below it are rounding
+FLOAT32_TINY = 2.0**-126  # the smallest normal float32; a product below it is flushed toward 0
+
 # Optimizers whose weight decay multiplies every weight by (1 - lr * weight_decay) each step (SGD's coupled L2
 # and AdamW's decoupled decay alike); Adam and RMSprop divide the decay term by the gradient's scale instead.
 SCALING_DECAY = ("sgd", "adamw")
@@ -654,6 +657,17 @@ def check_bounds(recipe, found: Findings) -> None:
                         f"{optimizer.lr:g} scales every weight by 1 - lr * weight_decay = {factor:.3g} each step: "
                         f"the weights {'vanish' if factor == 0 else 'flip sign every step and blow up' if factor < -1 else 'flip sign every step'}",
                         f"keep lr * weight_decay far below 1 (usual weight_decay: 1e-5 to 1e-2)")
+    for path, block in training_blocks(recipe):
+        distillation = block.distillation
+        if distillation is not None and distillation.temperature**2 < FLOAT32_TINY:
+            found.error(path + ("distillation", "temperature"), f"temperature {distillation.temperature:g}: the soft "
+                        f"term is scaled by T^2 = {distillation.temperature**2:.3g}, which is 0 in float32, so "
+                        "distillation would change nothing", "Hinton et al. use T from 1 to 20")
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "export" and "onnx" in stage.formats and stage.tolerance < FLOAT32_EPSILON:
+            found.error(("stages", i, "tolerance"), f"tolerance {stage.tolerance:g} is below float32's resolution "
+                        f"({FLOAT32_EPSILON:.2g}): only a bit-exact match would pass, and onnxruntime's kernels "
+                        "round differently from PyTorch's", "usual: 1e-4 for float models, 1e-2 for int8")
     last = len(recipe.stages) - 1
     for path, seed in [(("seed",), recipe.seed)] + [(("seeds", k), s) for k, s in enumerate(recipe.seeds or [])]:
         if seed + last > MAX_STAGE_SEED:
