@@ -118,7 +118,7 @@ def command(run: Run, cwd: Path) -> str:
     if _without_seeds(rebuilt) != _without_seeds(ran):
         where, now, then = _first_difference(_without_seeds(rebuilt), _without_seeds(ran))
         raise FigureError(f"no command rebuilds its recipe from {recipe_file}: at {where} the file gives {now!r}, the "
-                          f"run had {then!r} (a run from an older nnopt, whose schema differed: rerun it)")
+                          f"run had {then!r} (a run from another nnopt version, whose schema differed: rerun it)")
     words = ["nnopt", "run", _shown_path(recipe_file, cwd)]
     for text in overrides:
         words += ["-o", text]
@@ -148,8 +148,9 @@ def _first_difference(now, then, path: str = "") -> tuple[str, object, object]:
     """Where two recipe dumps first differ: (dotted path, value now, value in the run; `<absent>` for a missing key)."""
     if isinstance(now, dict) and isinstance(then, dict):
         for key in list(now) + [key for key in then if key not in now]:
-            if now.get(key, "<absent>") != then.get(key, "<absent>"):
-                return _first_difference(now.get(key, "<absent>"), then.get(key, "<absent>"), f"{path}.{key}".strip("."))
+            a, b = now.get(key, "<absent>"), then.get(key, "<absent>")
+            if a != b:
+                return _first_difference(a, b, f"{path}.{key}".strip("."))
     if isinstance(now, list) and isinstance(then, list) and len(now) == len(then):
         for index, (a, b) in enumerate(zip(now, then)):
             if a != b:

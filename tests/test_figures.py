@@ -23,7 +23,8 @@ def seeded_run(tmp_path_factory):
     recipe["expect"] = {"source": "a made-up paper", "metrics": {"test_acc": {"at_least": 0.5}}}
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    assert main(["run", str(path), "-o", "stages.train.optimizer.lr=0.04", "--seeds", "0,1", "-O", str(root / "out")]) == 0
+    code = main(["run", str(path), "-o", "stages.train.optimizer.lr=0.04", "--seeds", "0,1", "-O", str(root / "out")])
+    assert code == 0
     return path, root / "out" / "tiny"
 
 
