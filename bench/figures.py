@@ -24,7 +24,7 @@ run's recipe exactly, with `trainer.threads` set to the count the run computed w
 folder that fails the check, or has no finished run, gives no row: exit 1."""
 
 RUN_LEVEL = ("test_error", "test_acc", "weights_kept", "compression_ratio", "bytes", "latency_ratio", "wall_seconds")
-PERCENT_SUFFIXES = ("error", "acc", "kept", "sparsity")  # fractions shown as percentages
+PERCENT_SUFFIXES = ("error", "acc", "acc_drop", "kept", "sparsity")  # fractions shown as percentages
 
 
 class FigureError(Exception):
