@@ -172,6 +172,15 @@ def test_auto_prune_reaches_the_target_within_bounds_and_a_plain_recipe_reproduc
     assert sum(allocation["pruned"].values()) == round(0.9 * sum(sizes.values()))
     assert allocation["sparsity"]["fc3.weight"] <= 0.6 and allocation["sensitivity"] == "scan"
     assert metrics["layer_sparsity_after"] == {n: round(s, 6) for n, s in allocation["sparsity"].items()}
+    # the drop the per-layer curves predicted, and the one measured with all layers pruned at once
+    from runner.data.synthetic import synthetic
+    from runner.modelio import load_model
+
+    images, labels = synthetic(**_stages({})["data"]["args"]).val
+    with torch.inference_mode():
+        pruned_acc = float((load_model(tmp_path / "auto" / "tiny" / "03-prune")(images).argmax(1) == labels).float().mean())
+    assert allocation["examples"] == 128 and allocation["scan_baseline_acc"] == read_metrics(tmp_path / "auto" / "tiny", "02-scan")["val_acc"]
+    assert allocation["measured_total_drop"] == pytest.approx(allocation["scan_baseline_acc"] - pruned_acc, abs=1e-6)
     report = (tmp_path / "auto" / "tiny" / "report.md").read_text()
     assert "## Chosen automatically" in report and allocation["reproduce"] in report
 

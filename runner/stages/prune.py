@@ -52,9 +52,16 @@ def _allocate(spec, model, names: list[str], ctx: StageContext) -> tuple[dict[st
     reproduce = "scope: layer, sparsity: {" + ", ".join(f"{n}: {s!r}" for n, s in chosen["sparsity"].items()) + "}"
     kept = total - wanted
     return chosen["sparsity"], {"sensitivity": source, "sparsity": chosen["sparsity"], "pruned": chosen["pruned"],
-                                "kept_params": kept, "kept_bytes": 4 * kept,
-                                "predicted_drop": chosen["predicted_drop"],
+                                "kept_params": kept, "kept_bytes": 4 * kept, "examples": scan["examples"],
+                                "scan_baseline_acc": scan["baseline_acc"], "predicted_drop": chosen["predicted_drop"],
                                 "predicted_total_drop": chosen["predicted_total_drop"], "reproduce": reproduce}
+
+
+def _measured_drop(allocation: dict, model, ctx: StageContext) -> float:
+    """The drop of the pruned model on the scan's examples: what the per-layer sum (`predicted_total_drop`)
+    predicted, measured with every layer pruned at once (the layers' losses do not simply add up)."""
+    x, y = ctx.data().examples("val", allocation["examples"])
+    return round(allocation["scan_baseline_acc"] - sensitivity.accuracy(model, x, y, batch_size=1000), 6)
 
 
 @STAGES.register("prune")
@@ -78,6 +85,7 @@ def run(spec, model, ctx: StageContext) -> StageResult:
         total = allocation["kept_params"] + sum(allocation["pruned"].values())
         pruning.check_reached(spec.name, model, {name: 1 - allocation["kept_params"] / total for name in targets},
                               "global", tolerance=0.0)
+        allocation["measured_total_drop"] = _measured_drop(allocation, model, ctx)
         metrics["allocation"] = allocation
     metrics.update(parameter_stats(model))
     return StageResult(model, metrics)
