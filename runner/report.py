@@ -134,7 +134,8 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
     columns = measured_columns(outcomes)
     lines = [f"# {recipe.name}", "", recipe.description, "",
              f"Run {started} -> {finished}; nnopt {__version__}, torch {torch.__version__}, "
-             f"Lightning {pytorch_lightning.__version__}, seed {recipe.seed}.", "",
+             f"Lightning {pytorch_lightning.__version__}, seed {recipe.seed}, {torch.get_num_threads()} torch "
+             "thread(s) (results depend on the count: it is part of every stage's fingerprint).", "",
              "## Stages", "",
              "| " + " | ".join(["stage", "kind", "status", "time"] + [c.header for c in columns]) + " |",
              "|---|---|---|" + "---:|" * (1 + len(columns))]

@@ -45,6 +45,7 @@ def test_a_recipe_thread_count_holds_for_its_run_only(nnopt, write_recipe, tmp_p
     code, out, err = nnopt("run", path, "-O", tmp_path, "-o", "trainer.threads=1")
     assert code == 0 and _plan(out) == ["run", "run"], err
     assert json.loads((tmp_path / "tiny" / "run.json").read_text())["threads"] == 1
+    assert ", seed 0, 1 torch thread(s)" in (tmp_path / "tiny" / "report.md").read_text()
     assert torch.get_num_threads() == 2  # given back
     code, out, err = nnopt("run", path, "-O", tmp_path)  # 2 threads now: another result, computed anew
     assert code == 0 and _plan(out) == ["run", "run"], err
