@@ -133,3 +133,24 @@ def test_skipping_a_layer_the_model_lacks_names_the_layers(nnopt, write_recipe, 
     code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
     assert code != 0
     assert "skip: `fc4` is no layer that static_int8 quantizes" in " ".join(err.split()) and "fc1, fc2, fc3" in err
+
+
+@pytest.mark.slow
+def test_a_drop_budget_on_a_torchvision_resnet18(nnopt, write_recipe, tmp_path):
+    stage = {**STATIC, "calibration_batches": 4, "weights": "per_channel", "skip": ["conv1"], "max_accuracy_drop": 0.0}
+    recipe = residual_recipe("resnet18_mixed", [stage], model={"torchvision": "resnet18", "args": {"num_classes": 4}},
+                             shape=[3, 32, 32])
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
+    assert code == 0, err
+    run_dir = tmp_path / recipe["name"]
+    metrics = read_metrics(run_dir, "02-int8")
+    chosen = metrics["allocation"]
+    assert chosen["steps"][0]["float"] == ["conv1"] and chosen["float_layers"][0] == "conv1"
+    assert chosen["measured_drop"] == metrics["val_acc_drop"] <= 0.0
+    model = load_model(run_dir / "02-int8")
+    assert sorted(_float_layers(model)) == sorted(chosen["float_layers"])
+    from runner.data.synthetic import synthetic
+
+    images, _ = synthetic(**recipe["data"]["args"]).val
+    with torch.inference_mode():
+        assert torch.equal(model(images), load_packed(run_dir / "02-int8" / "model.dcz")(images))
