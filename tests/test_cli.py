@@ -43,7 +43,8 @@ def prepared_inputs(tmp_path_factory) -> dict[str, list[str]]:
     from runner.data.make_image_folder import make_image_folder
 
     root = tmp_path_factory.mktemp("inputs")
-    shapes = make_image_folder(root / "shapes", per_class=2, size=16)
+    # 128 training images of 32x32: the recipes' batch of 32, 4 calibration batches and 32 export checks fit
+    shapes = make_image_folder(root / "shapes", per_class=32, size=32)
     weights = root / "resnet18.pt"
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), weights)
     data = ["-o", f"data.args.root={shapes}"]

@@ -32,7 +32,7 @@ def test_resnet18_from_weights_pruned_int8_and_exported(nnopt, tmp_path):
         "run", RECIPES / "resnet18_image_folder.yaml", "-O", out, "-o", f"data.args.root={shapes}",
         "-o", f"model.weights={out / 'resnet18_shapes' / '01-train'}", "-o", "stages.finetune.epochs=3",
         "-o", "stages.loaded.latency_repeats=3", "-o", "stages.evaluate.latency_repeats=3",
-        "-o", "stages.int8.calibration_batches=2", *SMALL)
+        "-o", "stages.int8.calibration_batches=2", "-o", "stages.export.check_examples=24", *SMALL)
     assert code == 0, err
     run = out / "resnet18_image_folder"
     loaded, pruned = read_metrics(run, "01-loaded"), read_metrics(run, "02-prune")

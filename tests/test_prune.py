@@ -112,9 +112,9 @@ def test_bad_prune_specs_are_located_errors(nnopt, write_recipe, prune, message)
 def test_pruning_below_existing_sparsity_fails_the_stage(nnopt, write_recipe, tmp_path):
     recipe = with_prune(sparsity=0.8)
     recipe["stages"].insert(2, {"name": "prune-less", "kind": "prune", "sparsity": 0.5})
-    run_dir, err = run(nnopt, write_recipe, tmp_path, recipe, expect=1)
-    assert "`fc1.weight` is already 79.98% sparse, above the target 50.00%" in " ".join(err.split())
-    assert (run_dir / "02-prune" / "DONE").exists() and not (run_dir / "03-prune-less" / "DONE").exists()
+    run_dir, err = run(nnopt, write_recipe, tmp_path, recipe, expect=2)  # validate refuses it before training
+    assert "stages[2].sparsity: sparsity 0.5 is not above the 0.8 stage `prune` left" in " ".join(err.split())
+    assert not run_dir.exists()
 
 
 def test_finetune_after_evaluate_trains_in_train_mode(nnopt, write_recipe, tmp_path, recwarn):

@@ -126,13 +126,25 @@ DATA = {
                                                      {"args": {"hidden": [32], "in_features": 64}},
                                                      ["data.transforms: the train transforms give examples of shape (1, 4, 4), "
                                                       "the eval transforms (1, 8, 8)"]),
+    "fewer training examples than classes": ({"limit": {"train": 4}}, {}, ["data.limit.train: 4 training examples cannot "
+                                                                          "show all 10 classes"]),
     "sensitivity beyond the val split": ({}, {}, ["stages[1].examples: examples is 2000, above the 128 examples of the val split"]),
     "export check beyond the test split": ({"args": {**SYNTHETIC, "num_test": 16}}, {},
                                            ["stages[1].check_examples: check_examples is 256, above the 16 examples of the test split"]),
 }
 # Cases whose second stage measures something other than evaluate.
-SECOND_STAGE = {"sensitivity beyond the val split": {"name": "s", "kind": "sensitivity", "sparsities": [0.5], "bits": [4]},
-                "export check beyond the test split": {"name": "x", "kind": "export", "formats": ["torchscript"]}}
+SECOND_STAGE = {"sensitivity beyond the val split": {"name": "s", "kind": "sensitivity", "sparsities": [0.5], "bits": [4],
+                                                     "examples": 2000},
+                "export check beyond the test split": {"name": "x", "kind": "export", "formats": ["torchscript"],
+                                                       "check_examples": 256}}
+
+
+def test_default_example_counts_mean_up_to(nnopt, write_recipe):
+    # sensitivity's 2000 and export's 256 are defaults: on 128 validation and 16 test examples they use those
+    recipe = recipe_with({"name": "s", "kind": "sensitivity", "sparsities": [0.5], "bits": [4]},
+                         {"name": "x", "kind": "export", "formats": ["torchscript"]})
+    recipe["data"]["args"]["num_test"] = 16
+    accepted(nnopt, write_recipe, recipe)
 
 
 @pytest.mark.parametrize("case", DATA)
@@ -211,7 +223,8 @@ def four_cores(monkeypatch):
 @pytest.mark.parametrize("split, field", [("train", "num_train"), ("val", "num_val"), ("test", "num_test")])
 def test_every_process_gets_examples_of_every_split(nnopt, write_recipe, four_cores, split, field):
     recipe = recipe_with(EVALUATE, trainer={"devices": 2, "strategy": "ddp"})
-    recipe["data"]["args"][field] = 1
+    recipe["data"]["args"] |= {field: 1, "num_classes": 2}  # two classes: two training examples can show both
+    recipe["model"]["args"]["num_classes"] = 2
     recipe["data"]["batch_size"] = 2
     fragment = f"data.args.{field}: the {split} split has 1 example for 2 processes: 1 of them would get none"
     refused(nnopt, write_recipe, recipe, fragment)
@@ -391,7 +404,11 @@ WINDOWS = {
                                     "the stage's 16 steps"]),
     "rewind after the dense round": ({"name": "lth", "kind": "iterative_prune", "rounds": 2, "fraction": 0.2,
                                       "rewind": {"epochs": 2}, "retrain": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}},
-                                     ["stages[1].rewind: the rewind point (step 32) lies after the dense round's 16 steps"]),
+                                     ["stages[1].rewind: the rewind point (step 32) is not inside the dense round's 16 steps"]),
+    "rewind to the end of the dense round": ({"name": "lth", "kind": "iterative_prune", "rounds": 2, "fraction": 0.2,
+                                              "rewind": {"fraction": 1.0}, "retrain": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}},
+                                             ["the rewind point (step 16) is not inside the dense round's 16 steps: survivors "
+                                              "would keep their trained values"]),
 }
 
 
@@ -441,6 +458,8 @@ EXPECT = {
     "an accuracy above 1": ([EVALUATE], {"evaluate.test_acc": {"at_least": 1.5}},
                             ["expect.metrics.evaluate.test_acc.at_least: `evaluate.test_acc` is a fraction in [0, 1]: "
                              ">= 1.5 can never hold"]),
+    "a metric compared with itself": ([EVALUATE], {"evaluate.test_acc": {"within": {"value": "evaluate.test_acc", "tolerance": 0.01}}},
+                                      ["expect.metrics.evaluate.test_acc.within: `evaluate.test_acc` is compared with itself"]),
     "a negative error": ([EVALUATE], {"test_error": {"at_most": -0.1}}, ["`test_error` is a fraction in [0, 1]: <= -0.1"]),
 }
 
@@ -606,6 +625,23 @@ STAGE_SETTINGS = {
     "an ONNX tolerance below float32's resolution": ([{"name": "x", "kind": "export", "formats": ["onnx"], "tolerance": 1e-9}],
                                                      {}, ["stages[1].tolerance: tolerance 1e-09 is below float32's "
                                                           "resolution"]),
+    "gradual pruning below an earlier prune": ([PRUNE, FINETUNE | {"epochs": 3, "gradual_pruning": {
+                                                    "sparsity": 0.3, "end": {"epochs": 2}, "every": {"steps": 4}}}], {},
+                                               ["stages[2].gradual_pruning.sparsity: gradual pruning to 0.3 is not above the "
+                                                "0.5 stage `prune` left"]),
+    "a bits pattern an earlier one shadows": ([{"name": "share", "kind": "quantize", "method": "weight_sharing",
+                                                "bits": {"*": 2, "fc1.weight": 6}}], {},
+                                              ["stages[1].bits.fc1.weight: `fc1.weight` never applies: each layer it matches "
+                                               "is also matched by a pattern before it, and the first match decides"]),
+    "a sparsity pattern a later one overrides": ([PRUNE | {"sparsity": {"fc1": 0.9, "*": 0.5}}], {},
+                                                 ["stages[1].sparsity.fc1: `fc1` never applies", "the last match decides"]),
+    "an export format listed twice": ([{"name": "x", "kind": "export", "formats": ["torchscript", "torchscript"]}], {},
+                                      ["stages[1].formats[1]: `torchscript` is listed twice in formats"]),
+    "neuron pruning that empties a layer": ([PRUNE | {"granularity": "neurons", "sparsity": 0.9999}], {},
+                                            ["stages[1].sparsity: sparsity 0.9999 would remove every neuron of `fc1` (32 of 32)"]),
+    "neuron pruning of the classifier": ([PRUNE | {"granularity": "neurons", "sparsity": {"fc2": 0.5}}], {},
+                                         ["stages[1].sparsity.fc2: `fc2` matches no layer whose neurons can be removed",
+                                          "`fc2` produces the model's outputs, one per class"]),
     "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
                                                "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
                                              ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),

@@ -145,7 +145,7 @@ def test_unsupported_graphs_and_bad_targets_are_refused(nnopt, write_recipe, tmp
 
     logits = residual_recipe("logits", [{"name": "slim", "kind": "prune", "granularity": "neurons",
                                          "sparsity": {"fc": 0.5}}], train_epochs=0)
-    _, err = run(nnopt, write_recipe, tmp_path / "b", logits, expect=1)
+    _, err = run(nnopt, write_recipe, tmp_path / "b", logits, expect=2)  # refused by validate, before training
     assert "`fc` matches no layer whose channels can be removed" in err and "`fc` produces the model's outputs" in err
 
     masked = residual_recipe("masked", [{"name": "weights", "kind": "prune", "sparsity": 0.5},
@@ -156,13 +156,13 @@ def test_unsupported_graphs_and_bad_targets_are_refused(nnopt, write_recipe, tmp
 
     outputs = synthetic_recipe()
     outputs["stages"] = [{"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": {"fc2": 0.5}}]
-    _, err = run(nnopt, write_recipe, tmp_path / "d", outputs, expect=1)
+    _, err = run(nnopt, write_recipe, tmp_path / "d", outputs, expect=2)
     assert "`fc2` matches no layer whose neurons can be removed" in err and "`fc2` produces the model's outputs" in err
 
     everything = synthetic_recipe()
     everything["model"]["args"]["hidden"] = [2]
     everything["stages"] = [{"name": "slim", "kind": "prune", "granularity": "neurons", "sparsity": 0.9}]
-    _, err = run(nnopt, write_recipe, tmp_path / "e", everything, expect=1)
+    _, err = run(nnopt, write_recipe, tmp_path / "e", everything, expect=2)
     assert "would remove every neuron of `fc1` (2 of 2)" in err
 
 

@@ -225,6 +225,8 @@ def _check_patterns(recipe, model: nn.Module, found) -> None:
                             "prunable: " + ", ".join(prunable))
             if unmatched:
                 continue
+            _check_shadowed(path + (targets_field,), targets, prunable,
+                            lambda pattern, name: not pruning.unmatched_patterns([pattern], [name]), False, found)
         _check_kept(path, spec, targets_field, model, prunable, found)
 
 
@@ -252,6 +254,20 @@ def _check_kept(path: tuple, spec, targets_field: str, model: nn.Module, prunabl
                         "guess", "lower the target for that layer, or set `allow_empty_layers: true` if you mean it")
 
 
+def _check_shadowed(path: tuple, targets: dict, names: list[str], matches, first_wins: bool, found) -> None:
+    """A pattern of a {pattern: value} map whose every layer another pattern decides never applies: weight
+    sharing's bits take the first matching pattern, sparsity targets the last."""
+    patterns = list(targets)
+    for k, pattern in enumerate(patterns):
+        others = patterns[:k] if first_wins else patterns[k + 1:]
+        mine = [name for name in names if matches(pattern, name)]
+        if mine and others and all(any(matches(other, name) for other in others) for name in mine):
+            order = "first" if first_wins else "last"
+            found.error(path + (pattern,), f"`{pattern}` never applies: each layer it matches is also matched by a "
+                        f"pattern {'before' if first_wins else 'after'} it, and the {order} match decides",
+                        f"put the specific pattern {'first' if first_wins else 'last'}")
+
+
 def _check_codebooks(recipe, model: nn.Module, found) -> None:
     """A codebook of 2^bits values for a layer with fewer weights shares nothing: every weight keeps its own
     value and the codebook outweighs the layer."""
@@ -261,6 +277,9 @@ def _check_codebooks(recipe, model: nn.Module, found) -> None:
     for i, stage in enumerate(recipe.stages):
         if getattr(stage, "method", None) != "weight_sharing" or stage.bits is None:
             continue
+        if isinstance(stage.bits, dict):
+            _check_shadowed(("stages", i, "bits"), stage.bits, prunable_names(model),
+                            lambda pattern, name: fnmatch.fnmatch(name, pattern), True, found)
         for name in prunable_names(model):
             bits, size = bits_for(name, stage.bits), model.get_parameter(name).numel()
             if bits is not None and 2**bits > size:
@@ -307,6 +326,36 @@ def _check_structure(recipe, model: nn.Module, facts, found) -> None:
                 found.error(("stages", i, "granularity"), f"structured pruning cannot follow this model: {problem}",
                             "neurons and channels are removed in sequential chains and in networks Torch-Pruning "
                             "can trace; otherwise use `granularity: weights`")
+            else:
+                _check_neuron_targets(i, stage, model, found)
+            return
+
+
+def _check_neuron_targets(i: int, stage, model: nn.Module, found) -> None:
+    """Neurons come out of every weighted layer but the output one, whose neurons are the classes
+    (runner.slimming): a pattern naming only that layer, or a target removing all of a layer's neurons, would
+    fail the stage after training."""
+    from runner import pruning
+    from runner.slimming import WEIGHTED
+
+    weighted = [(name, module) for name, module in model.named_modules() if isinstance(module, WEIGHTED)]
+    if len(weighted) < 2:
+        return
+    prunable, output = [f"{name}.weight" for name, _ in weighted[:-1]], weighted[-1][0]
+    units = "neurons" if all(isinstance(module, nn.Linear) for _, module in weighted) else "channels"
+    for pattern in stage.sparsity if isinstance(stage.sparsity, dict) else []:
+        if pruning.unmatched_patterns([pattern], prunable):
+            only_output = not pruning.unmatched_patterns([pattern], [f"{output}.weight"])
+            found.error(("stages", i, "sparsity", pattern), f"`{pattern}` matches no layer whose {units} can be removed",
+                        f"`{output}` produces the model's outputs, one per class" if only_output
+                        else "layers: " + ", ".join(name for name, _ in weighted[:-1]))
+            return
+    widths = {f"{name}.weight": module.weight.shape[0] for name, module in weighted[:-1]}
+    for name, target in pruning.layer_targets(prunable, stage.sparsity).items():
+        removed = round(target * widths[name])
+        if stage.scope == "layer" and removed >= widths[name]:
+            found.error(("stages", i, "sparsity"), f"sparsity {target:g} would remove every neuron of "
+                        f"`{name.rpartition('.')[0]}` ({removed} of {widths[name]})", "lower its target")
             return
 
 

@@ -79,9 +79,15 @@ def check_pruning_sequence(recipe, found: Findings) -> None:
                             "nothing", f"prune to more than {sparsity:g}, or drop the stage")
         for path, block in training_blocks_of(stage, i):
             gradual = block.gradual_pruning
-            if gradual is not None and isinstance(gradual.sparsity, float) and gradual.sparsity == 0:
+            if gradual is None or not isinstance(gradual.sparsity, float):
+                continue
+            if gradual.sparsity == 0:
                 found.error(path + ("gradual_pruning", "sparsity"), "gradual pruning to sparsity 0 prunes nothing",
                             "set the final fraction of weights to remove, or drop `gradual_pruning`")
+            elif gradual.method == "magnitude" and gradual.sparsity <= sparsity:
+                found.error(path + ("gradual_pruning", "sparsity"), f"gradual pruning to {gradual.sparsity:g} is not "
+                            f"above the {sparsity:g} stage `{made_by}` left: magnitude pruning keeps the zeros it "
+                            "finds, so the schedule removes nothing", f"prune gradually to more than {sparsity:g}")
         if stage.kind == "iterative_prune" and isinstance(stage.fraction, float) and stage.fraction == 0:
             found.error(("stages", i, "fraction"), "fraction 0 prunes nothing in any round",
                         "set the fraction of the remaining weights each round removes")
@@ -107,6 +113,17 @@ def check_gradual_places(recipe, found: Findings) -> None:
             if reason and block.gradual_pruning is not None:
                 found.error(path + ("gradual_pruning",), f"`quantize {stage.method}` cannot prune gradually: {reason}",
                             "prune gradually in a train or finetune stage before quantizing")
+
+
+def check_repeats(recipe, found: Findings) -> None:
+    """A list of things to do, each once: a repeat is a slip (an edit left half done)."""
+    for i, stage in enumerate(recipe.stages):
+        for name in ("formats", "latency_batch_sizes"):
+            values = getattr(stage, name, None) or []
+            for k, value in enumerate(values):
+                if value in values[:k]:
+                    found.error(("stages", i, name, k), f"`{value}` is listed twice in {name}",
+                                "list each once")
 
 
 def check_allocation_range(recipe, found: Findings) -> None:
@@ -310,6 +327,10 @@ def check_data_sizes(recipe, facts: DataFacts, found: Findings) -> dict[str, int
                     f"the data has {classes} class{'es' if classes != 1 else ''}: a classifier needs at least 2")
     _check_world_share(recipe, facts, used, found)
     trains = any(training_blocks(recipe))
+    if isinstance(classes, int) and trains and 0 < used["train"] < classes:
+        found.error(_size_field(recipe, "train"), f"{used['train']} training example{'s' if used['train'] > 1 else ''} "
+                    f"cannot show all {classes} classes: the model could never learn the others",
+                    f"use at least {classes} training examples (many per class)")
     if trains and 0 < used["train"] < data.batch_size:
         found.error(("data", "batch_size"), f"batch_size {data.batch_size} is above the {used['train']} training "
                     "examples: every step would see the whole set and the throughput figures would count "
@@ -340,21 +361,22 @@ def _check_world_share(recipe, facts: DataFacts, used: dict[str, int], found: Fi
 
 
 def check_example_counts(recipe, used: dict[str, int], found: Findings) -> None:
-    """Stages that measure on the first N examples of a split, where N is above what the split holds: they would
-    silently measure fewer."""
+    """Stages told to measure on the first N examples of a split, where N is above what the split holds: they would
+    silently measure fewer. Defaults mean "up to N" and are left alone."""
     places = []
     for i, stage in enumerate(recipe.stages):
         if stage.kind == "sensitivity":
-            places.append((("stages", i, "examples"), stage.examples, "val"))
+            places.append((("stages", i, "examples"), stage, "examples", "val"))
         allocation = getattr(stage, "allocation", None)
         if allocation is not None and stage.kind == "prune" and allocation.sensitivity is None:
-            places.append((("stages", i, "allocation", "scan", "examples"), allocation.scan.examples, "val"))
+            places.append((("stages", i, "allocation", "scan", "examples"), allocation.scan, "examples", "val"))
         if allocation is not None and stage.kind == "quantize" and allocation.sensitivity is None:
-            places.append((("stages", i, "allocation", "examples"), allocation.examples, "val"))
+            places.append((("stages", i, "allocation", "examples"), allocation, "examples", "val"))
         if stage.kind == "export":
-            places.append((("stages", i, "check_examples"), stage.check_examples, "test"))
-    for path, asked, split in places:
-        if asked > used[split]:
+            places.append((("stages", i, "check_examples"), stage, "check_examples", "test"))
+    for path, spec, name, split in places:
+        asked = getattr(spec, name)
+        if name in spec.model_fields_set and asked > used[split]:
             found.error(path, f"{path[-1]} is {asked}, above the {used[split]} examples of the {split} split",
                         f"use at most {used[split]}: the stage reads the split's first examples and would silently "
                         "measure on fewer")
@@ -616,9 +638,11 @@ def check_schedules(recipe, used: dict[str, int] | None, found: Findings) -> Non
                         f"set calibration_batches to at most {batches}")
         if stage.kind == "iterative_prune" and stage.rewind not in (None, "init"):
             length = stage_length(recipe, stage.retrain, used["train"])
-            if length is not None and length.steps(stage.rewind) > length.total:
-                found.error(("stages", i, "rewind"), f"the rewind point (step {length.steps(stage.rewind)}) lies after "
-                            f"the dense round's {length.total} steps", "rewind to an early point of the dense round")
+            if length is not None and length.steps(stage.rewind) >= length.total:
+                found.error(("stages", i, "rewind"), f"the rewind point (step {length.steps(stage.rewind)}) is not "
+                            f"inside the dense round's {length.total} steps: survivors would keep their trained values, "
+                            "which is iterative pruning without rewinding",
+                            "rewind to an early point of the dense round, or drop `rewind`")
 
 
 # ---- numbers at the edge ---------------------------------------------------------------------------
@@ -736,11 +760,14 @@ def _check_expect_range(recipe, metric: str, rule, found: Findings) -> None:
 
 
 def check_expect(recipe, found: Findings) -> None:
-    """Run-level rules that no stage of this recipe can feed, and bounds no value can meet."""
+    """Run-level rules that no stage of this recipe can feed, and bounds no value can meet or every value meets."""
     if recipe.expect is None:
         return
     for metric, rule in recipe.expect.metrics.items():
         _check_expect_range(recipe, metric, rule, found)
+        if rule.bound == metric:
+            found.error(("expect", "metrics", metric, rule.kind), f"`{metric}` is compared with itself: the rule "
+                        "always holds and checks nothing", "compare it with another stage's metric or a number")
     for metric in recipe.expect.metrics:
         if metric not in RUN_METRICS or metric == "wall_seconds":
             continue  # stage metrics (`stage.metric`) and unknown names are checked in runner.recipe.checks
@@ -772,6 +799,7 @@ def check_semantics(recipe, source: Source, build_user_code: bool = False, dry_b
     check_pruning_sequence(recipe, found)
     check_allocation_range(recipe, found)
     check_gradual_places(recipe, found)
+    check_repeats(recipe, found)
     check_bounds(recipe, found)
     check_expect(recipe, found)
     facts = known_data(recipe.data, found)
