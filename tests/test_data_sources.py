@@ -73,7 +73,7 @@ def test_a_changed_image_folder_changes_the_fingerprint_and_the_plan_says_why(wr
     from runner.plan import fingerprints
     from runner.provenance import changes, run_inputs
 
-    root = make_image_folder(tmp_path / "few", per_class=4, size=8)
+    root = make_image_folder(tmp_path / "few", per_class=4, size=16)  # the size shapes_recipe's model takes
     path = write_recipe(shapes_recipe(root))
     recipe = load_recipe(path)
     before = fingerprints(recipe), run_inputs(recipe)
