@@ -21,6 +21,7 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     revived = pruning.revived(module.model, masks_before)
     if revived:
         raise StageError(spec.name, "pruned weights came back during fine-tuning: " + ", ".join(revived),
-                         "this is a bug in nnopt; please report it with the recipe")
+                         "a `trainer.callbacks` entry that writes weights or masks can do this; without one it is "
+                         "a bug in nnopt: please report it with the recipe")
     metrics.update(parameter_stats(module.model))
     return StageResult(module.model, metrics)
