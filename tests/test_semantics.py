@@ -458,6 +458,12 @@ EXPECT = {
     "an accuracy above 1": ([EVALUATE], {"evaluate.test_acc": {"at_least": 1.5}},
                             ["expect.metrics.evaluate.test_acc.at_least: `evaluate.test_acc` is a fraction in [0, 1]: "
                              ">= 1.5 can never hold"]),
+    "latency_ratio without a common batch size": ([EVALUATE | {"latency_batch_sizes": [1]}, PRUNE,
+                                                   EVALUATE | {"name": "final", "latency_batch_sizes": [32]}],
+                                                  {"latency_ratio": {"at_most": 2}},
+                                                  ["expect.metrics.latency_ratio: latency_ratio compares the first and the "
+                                                   "last latency at a batch size both measured, but `evaluate` times "
+                                                   "batches [1] and `final` [32]"]),
     "a metric compared with itself": ([EVALUATE], {"evaluate.test_acc": {"within": {"value": "evaluate.test_acc", "tolerance": 0.01}}},
                                       ["expect.metrics.evaluate.test_acc.within: `evaluate.test_acc` is compared with itself"]),
     "a negative error": ([EVALUATE], {"test_error": {"at_most": -0.1}}, ["`test_error` is a fraction in [0, 1]: <= -0.1"]),
@@ -642,6 +648,11 @@ STAGE_SETTINGS = {
     "neuron pruning of the classifier": ([PRUNE | {"granularity": "neurons", "sparsity": {"fc2": 0.5}}], {},
                                          ["stages[1].sparsity.fc2: `fc2` matches no layer whose neurons can be removed",
                                           "`fc2` produces the model's outputs, one per class"]),
+    "ONNX of static int8 at the float tolerance": ([{"name": "q", "kind": "quantize", "method": "static_int8",
+                                                     "calibration_batches": 2},
+                                                    {"name": "x", "kind": "export", "formats": ["onnx"]}], {},
+                                                   ["stages[2]: ONNX export of the static int8 model (made by stage `q`) "
+                                                    "keeps the float default tolerance 0.0001"]),
     "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
                                                "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
                                              ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),

@@ -59,6 +59,12 @@ def check_order(recipe, found: Findings) -> None:
             else:
                 found.error(("stages", i, "kind"), f"`{what}` cannot take the {form} model{by}",
                             states.REFUSAL_HINTS.get(form))
+        if (stage.kind == "export" and "onnx" in stage.formats and form == states.INT8_STATIC
+                and "tolerance" not in stage.model_fields_set):
+            found.error(("stages", i), f"ONNX export of the {form} model{f' (made by stage `{made_by}`)'} keeps the "
+                        f"float default tolerance {stage.tolerance:g}, but onnxruntime's int8 kernels round differently "
+                        "from PyTorch's, by about one quantization step of the outputs: the check would fail",
+                        "set `tolerance` to the difference you accept (a few tenths of a logit is usual for int8)")
         if stage.model_produces is not None:
             form, made_by = stage.model_produces, stage.name
 
@@ -778,6 +784,14 @@ def check_expect(recipe, found: Findings) -> None:
                 found.error(path, "latency_ratio compares two latency measurements, but "
                             + (f"only stage `{timed[0]}` measures latency" if timed else "no stage measures latency"),
                             RUN_METRIC_HINTS["latency_ratio"])
+                continue
+            stages = {s.name: s for s in recipe.stages}
+            first, last = (stages[timed[0]], stages[timed[-1]])
+            batches = (set(getattr(first, "latency_batch_sizes", ())), set(getattr(last, "latency_batch_sizes", ())))
+            if all(batches) and not batches[0] & batches[1]:
+                found.error(path, f"latency_ratio compares the first and the last latency at a batch size both "
+                            f"measured, but `{first.name}` times batches {sorted(batches[0])} and `{last.name}` "
+                            f"{sorted(batches[1])}", "give both stages a common entry in latency_batch_sizes")
             continue
         needs = RUN_METRIC_NEEDS[metric]
         if not any(all(_declares(stage, need) for need in needs) for stage in recipe.stages):
