@@ -288,6 +288,18 @@ def test_user_data_with_an_empty_split_is_named(nnopt, write_recipe, tmp_path):
     assert code == 1 and "the train Dataset `empty_user_data:splits` returned is empty" in err and "unexpected" not in err
 
 
+def test_a_callback_that_is_not_one(nnopt, write_recipe, tmp_path):
+    (tmp_path / "not_callbacks.py").write_text("class Plain:\n    pass\n\ndef text():\n    return 'not a callback'\n")
+    recipe = recipe_with(EVALUATE, trainer={"callbacks": [{"import": "not_callbacks:Plain"}]})
+    refused(nnopt, write_recipe, recipe, "trainer.callbacks[0]", "`not_callbacks:Plain` is a class but not a "
+            "pytorch_lightning Callback")
+    recipe["trainer"]["callbacks"] = [{"import": "not_callbacks:text"}]  # a function: known only once called
+    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
+    err = " ".join(err.split())
+    assert code == 2 and "`not_callbacks:text` returned a str, not a pytorch_lightning Callback" in err
+    assert "unexpected" not in err
+
+
 def test_weights_are_read_at_validate(nnopt, write_recipe, tmp_path):
     import torch
 

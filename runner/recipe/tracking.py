@@ -49,6 +49,8 @@ class CallbackSpec(Spec):
             raise ValueError(f"{error.message}" + (f" ({error.hint})" if error.hint else "")) from None
         if not callable(factory):
             raise ValueError(f"`{self.import_}` is not a class or function")
+        if isinstance(factory, type) and not _is_callback_class(factory):
+            raise ValueError(f"`{self.import_}` is a class but not a pytorch_lightning Callback")
         self._recipe_dir = recipe_dir
         return self
 
@@ -60,8 +62,18 @@ class CallbackSpec(Spec):
 
         callback = imports.resolve(self.import_, self._recipe_dir)(**self.args)
         if not isinstance(callback, pl.Callback):
-            raise TypeError(f"`{self.import_}` returned a {type(callback).__name__}, not a pytorch_lightning Callback")
+            from runner.errors import Issue, RecipeError
+
+            raise RecipeError([Issue("the recipe", None, None, "trainer.callbacks", f"`{self.import_}` returned a "
+                                     f"{type(callback).__name__}, not a pytorch_lightning Callback",
+                                     "name a Callback subclass, or a function that returns an instance of one")])
         return callback
+
+
+def _is_callback_class(cls: type) -> bool:
+    """A subclass of Lightning's Callback, told from its bases' names: validate does not import Lightning."""
+    return any(base.__name__ == "Callback" and base.__module__.split(".")[0] in ("pytorch_lightning", "lightning")
+               for base in cls.__mro__)
 
 
 class Keep(Spec):
