@@ -665,6 +665,10 @@ STAGE_SETTINGS = {
                                                     {"name": "x", "kind": "export", "formats": ["onnx"]}], {},
                                                    ["stages[2]: ONNX export of the static int8 model (made by stage `q`) "
                                                     "keeps the float default tolerance 0.0001"]),
+    "keeping more weights than the model has": ([{"name": "p", "kind": "prune", "scope": "auto",
+                                                   "allocation": {"keep_params": 10_000_000}}], {},
+                                                 ["stages[1].allocation.keep_params: keep_params asks to keep 10,000,000 "
+                                                  "weights, but the pruned layers have 1,344"]),
     "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
                                                "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
                                              ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),

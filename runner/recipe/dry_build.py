@@ -215,6 +215,7 @@ def _check_patterns(recipe, model: nn.Module, found) -> None:
         for pattern in pruning.unmatched_patterns(list(bounds), prunable):
             found.error(("stages", i, "allocation", "bounds", pattern), f"`{pattern}` matches no pruned layer of the "
                         "model", "pruned: " + ", ".join(prunable))
+        _check_keep(i, stage, model, found)
     for path, spec, targets_field in specs:
         prunable = pruning.prunable_names(model, spec.params)
         targets = getattr(spec, targets_field)
@@ -228,6 +229,22 @@ def _check_patterns(recipe, model: nn.Module, found) -> None:
             _check_shadowed(path + (targets_field,), targets, prunable,
                             lambda pattern, name: not pruning.unmatched_patterns([pattern], [name]), False, found)
         _check_kept(path, spec, targets_field, model, prunable, found)
+
+
+def _check_keep(i: int, stage, model: nn.Module, found) -> None:
+    """`keep_params` / `keep_bytes` above what the pruned layers hold would prune nothing."""
+    from runner import pruning
+
+    allocation = stage.allocation if stage.kind == "prune" else None
+    if allocation is None or not allocation.keeps:
+        return
+    total = sum(model.get_parameter(name).numel() for name in pruning.prunable_names(model, stage.params))
+    field, asked = ("keep_params", allocation.keep_params) if allocation.keep_params else \
+        ("keep_bytes", allocation.keep_bytes // 4)
+    if asked >= total:
+        found.error(("stages", i, "allocation", field), f"{field} asks to keep {asked:,} weights, but the pruned "
+                    f"layers have {total:,}: nothing would be pruned", f"keep fewer than {total:,} weights "
+                    f"({4 * total:,} bytes)")
 
 
 def _kept(size: int, target: float, rounds: int) -> int:
