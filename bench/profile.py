@@ -1,6 +1,7 @@
 """Where the microseconds of a training step go: each bench runner under cProfile, its time per step split
 into torch kernels (C++ ops, autograd), torch's Python, Lightning, nnopt and the rest, plus the costliest Python
-functions outside torch. `python -m bench.profile --model lenet_300_100 --steps 300`.
+functions outside torch; and, unprofiled, each runner's CPU cost per step apart from its fixed cost per fit
+(from fits of two lengths). `python -m bench.profile --model lenet_300_100 --steps 300`.
 
 cProfile adds a little to every Python call, so the Python rows read high against the kernels; compare rows
 between runners, not the total with the unprofiled bench.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import sys
 import warnings
 
@@ -59,6 +61,22 @@ def profile_runner(name: str, model: str, data, steps: int) -> dict:
     }
 
 
+def marginal_costs(names: list[str], model: str, data, short: int, long: int, repeats: int) -> dict:
+    """CPU seconds per step (the slope between a `short` and a `long` fit, medians over interleaved repeats) and
+    per fit (what is left of the short fit): a trainer's set-up and end-of-fit work apart from its steps."""
+    seconds: dict = {(name, steps): [] for name in names for steps in (short, long)}
+    for _ in range(repeats):
+        for name in names:
+            for steps in (short, long):
+                seconds[name, steps].append(train.RUNNERS[name](model, data, steps)[0].cpu)
+    out = {}
+    for name in names:
+        low, high = statistics.median(seconds[name, short]), statistics.median(seconds[name, long])
+        per_step = (high - low) / (long - short)
+        out[name] = {"us_per_step": round(1e6 * per_step, 1), "ms_per_fit": round(1e3 * (low - short * per_step), 1)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--model", default="lenet_300_100")
@@ -66,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--runners", nargs="+", default=list(train.RUNNERS), choices=list(train.RUNNERS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--marginal-steps", nargs=2, type=int, metavar=("SHORT", "LONG"), default=[10, 310])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the unprofiled fits")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -82,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}: costliest Python outside the kernels (self time)")
         for row in profile["top_python"]:
             print(f"  {row['us_per_step']:8.1f} us  {row['calls_per_step']:6.2f}/step  {row['part']:<16} {row['function']}")
+    short, long = args.marginal_steps
+    print(f"\nunprofiled, CPU time, fits of {short} and {long} steps, medians of {args.repeats} interleaved repeats:")
+    for name, cost in marginal_costs(args.runners, args.model, data, short, long, args.repeats).items():
+        print(f"  {name:<20} {cost['us_per_step']:10,.1f} us per step {cost['ms_per_fit']:10,.1f} ms per fit")
     return 0
 
 

@@ -83,3 +83,17 @@ def test_pre_decoded_images_are_the_folder_s_images(tmp_path):
         assert len(labels) == streamed.split_size(split) and images.shape[1:] == (3, 16, 16)
         first = streamed.examples(split, 2)
         assert torch.equal(images[:2], first[0]) and torch.equal(labels[:2], first[1])
+
+
+def test_profile_splits_each_runner_s_step_into_parts(capsys):
+    from bench import profile
+
+    assert profile.main(["--steps", "3", "--runners", "plain_loop", "nnopt", "--marginal-steps", "2", "4",
+                         "--repeats", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "costliest Python" in shown and "us per step" in shown and "ms per fit" in shown
+    data = train.load_mnist(batch_size=128)
+    parts = profile.profile_runner("nnopt", "lenet_300_100", data, steps=3)["us_per_step"]
+    assert parts["lightning"] > 0 and parts["torch kernels"] > 0 and set(parts) == set(profile.BUCKETS)
+    plain = profile.profile_runner("plain_loop", "lenet_300_100", data, steps=3)["us_per_step"]
+    assert plain["lightning"] == 0  # the plain loop runs no Lightning code: the buckets tell them apart
