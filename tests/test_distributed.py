@@ -188,15 +188,35 @@ def test_a_launcher_with_another_process_count_is_rejected(write_recipe, nnopt, 
                        "num_nodes = 2")
 
 
+# A model validate cannot see fail (it does not run user code): it trains and validates on batches, and
+# fails only on evaluate's batch-1 latency, which runs on rank 0 alone.
+FAILS_ON_ONE_EXAMPLE = """
+from torch import nn
+
+
+class RefusesSingleExamples(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            raise RuntimeError("this model takes batches of two or more")
+        return self.net(x)
+"""
+
+
 @pytest.mark.slow
 def test_a_stage_failing_on_rank_0_stops_every_rank(write_recipe, tmp_path):
-    recipe = prune_recipe()
+    recipe = synthetic_recipe(epochs=1)
+    recipe["model"] = {"import": "batchy:RefusesSingleExamples"}
     recipe["trainer"].update(strategy="ddp", devices=2)
-    del recipe["stages"][0]["gradual_pruning"]
-    recipe["stages"][2] = {"name": "prune_less", "kind": "prune", "scope": "global", "sparsity": 0.5}
-    done = run_cli("run", write_recipe(recipe), "-O", tmp_path, check=False)  # a hang would hit the timeout
+    path = write_recipe(recipe)
+    (path.parent / "batchy.py").write_text(FAILS_ON_ONE_EXAMPLE)
+    done = run_cli("run", path, "-O", tmp_path / "out", check=False)  # a hang would hit the timeout
     assert done.returncode == 1
     stderr = " ".join(done.stderr.split())
-    assert "stage `prune_less` failed: the pruned parameters are already 79.99% sparse" in stderr
+    assert "stage `evaluate` failed" in stderr and "this model takes batches of two or more" in stderr
     assert "rank 0 failed it; this is rank 1, stopping too" in stderr
-    assert (tmp_path / "tiny" / "02-prune" / "DONE").is_file() and not (tmp_path / "tiny" / "03-prune_less" / "DONE").exists()
+    run_dir = tmp_path / "out" / "tiny"
+    assert (run_dir / "01-train" / "DONE").is_file() and not (run_dir / "02-evaluate" / "DONE").exists()
