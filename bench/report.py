@@ -44,13 +44,17 @@ def tables(results: dict) -> str:
         lines += ["", "Train stage wall time (workers started, batches decoded and augmented in them); the CPU column "
                   "counts only the training process, so it shows what the workers took off it.", ""]
     if "scale" in results:
-        lines += ["| streaming, one epoch (resnet18) | training images | epoch | samples/s | peak RSS, trainer | "
-                  "peak RSS, a worker |", "|---|---|---|---|---|---|"]
+        lines += ["| streaming, one epoch (resnet18) | training images | epoch | samples/s | trainer RSS before | "
+                  "trainer peak RSS in the epoch | a worker's peak RSS |", "|---|---|---|---|---|---|---|"]
         for factor, entry in results["scale"].items():
             lines.append(f"| {factor} | {entry['train_images']} | {entry['epoch_seconds']:.2f} s | "
-                         f"{entry['samples_per_second']:,.1f} | {entry['peak_rss_mb']:,.0f} MB | "
-                         f"{entry['worker_peak_rss_mb']:,.0f} MB |")
-        lines += ["", "Each size in a fresh process (one run each); the epoch includes its validation pass.", ""]
+                         f"{entry['samples_per_second']:,.1f} | {entry['rss_before_mb']:,.0f} MB | "
+                         f"{entry['peak_rss_mb']:,.0f} MB | {entry['worker_peak_rss_mb']:,.0f} MB |")
+        lines += ["", "Each size in a fresh process (one run each); the epoch includes its validation pass; the "
+                  "trainer's peak is reset after imports, so it covers building the data and model and the epoch."
+                  + (f" Measured apart: `{results['scale_conditions']['command']}` on "
+                     f"{results['scale_conditions']['date'][:16]} (load {results['scale_conditions']['load_average_at_start'][0]})."
+                     if "scale_conditions" in results else ""), ""]
     if "bf16" in results:
         lines += ["| CPU precision | fp32 | bf16-mixed | bf16 speed vs fp32 (wall; CPU) | test accuracy fp32 / bf16 |",
                   "|---|---|---|---|---|"]

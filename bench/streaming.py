@@ -98,16 +98,27 @@ def bf16_tasks(mnist, root: Path, image_size: int, batch_size: int, steps: dict[
     return tasks, accuracies
 
 
+def _memory_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS: resident now; VmHWM: its peak) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def scale_one(root: Path, image_size: int, batch_size: int, workers: int | str) -> dict:
-    """One epoch from the folder at `root` in this process: the fit's seconds and the peak resident memory of this
-    process and of its largest loader worker (ru_maxrss: a peak, so each size runs in a fresh process)."""
+    """One epoch from the folder at `root` in this process: the fit's seconds; this process's resident memory
+    before the data and model are built and its peak from then to the end of the epoch (the peak is reset first,
+    so imports do not mask it; Linux only), and the peak of its largest loader worker."""
     recipe = image_recipe(root, image_size, batch_size, workers, epochs=1)
+    before = _memory_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident size (VmHWM) to the current one
     data = build_data(recipe.data, recipe.seed)
     _, _, metrics = train.run_stage(recipe, fresh_model(recipe), data)
     kib = 1024  # Linux reports ru_maxrss in KiB
     return {"train_images": data.split_size("train"), "epoch_seconds": metrics["fit_seconds"],
-            "samples_per_second": metrics["samples_per_second"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 2**20, 1),
+            "samples_per_second": metrics["samples_per_second"], "rss_before_mb": before,
+            "peak_rss_mb": _memory_mb("VmHWM"),
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib / 2**20, 1)}
 
 
