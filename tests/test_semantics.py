@@ -368,9 +368,6 @@ SCHEDULES = {
                                         "keep: best would watch no validation"]),
     "lr finder sweeping down": ({"lr_finder": {"min_lr": 1.0, "max_lr": 0.001, "num_steps": 10}},
                                 ["stages[0].lr_finder.max_lr: lr_finder max_lr 0.001 is not above min_lr 1"]),
-    "lr finder longer than the stage": ({"lr_finder": {"num_steps": 1000}},
-                                        ["stages[0].lr_finder.num_steps: lr_finder asks 1000 steps, but the stage's 3 "
-                                         "epochs hold 48"]),
     "accumulation longer than an epoch": ({"trainer": {"accumulate_grad_batches": 32}},
                                           ["stages[0].trainer.accumulate_grad_batches: accumulate_grad_batches 32 is more "
                                            "than the 16 batches of an epoch"]),
@@ -436,6 +433,9 @@ WARNINGS = {
     "validation never runs": ({"val_every_epochs": 4}, "the stage reports no val_loss or val_acc"),
     "early stopping that cannot act": ({"early_stopping": {"patience": 3}},
                                        "early stopping has patience 3 but the stage validates only 3 times"),
+    "an LR finder longer than the stage": ({"lr_finder": {"num_steps": 1000}},
+                                           "stages[0].lr_finder.num_steps: lr_finder asks 1000 steps, but the stage's 3 "
+                                           "epochs hold 48"),
 }
 
 

@@ -602,7 +602,8 @@ def check_tuners(path: tuple, block, length: Length | None, found: Findings) -> 
                     f"{finder.min_lr:g}: the range test sweeps from min_lr up to max_lr",
                     "usual: min_lr 1e-6, max_lr 1")
     if length is not None and block.epochs is not None and finder.num_steps > length.total:
-        found.error(path + ("lr_finder", "num_steps"), f"lr_finder asks {finder.num_steps} steps, but the stage's "
+        # a warning, as at run: the range test still runs, on fewer steps than asked
+        found.warn(path + ("lr_finder", "num_steps"), f"lr_finder asks {finder.num_steps} steps, but the stage's "
                     f"{block.epochs} epoch{'s hold' if block.epochs > 1 else ' holds'} {length.total}: the range test "
                     f"would stop at step {length.total}, short of max_lr",
                     f"use num_steps of at most {length.total}, or more epochs")
