@@ -9,9 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from runner.cli import main
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_as_the_process_started():
+    """A test that pins torch's thread count (a bench loop, a recipe run in-process) must not leave it pinned:
+    the count is part of every stage's fingerprint, so an in-process run after it would no longer match the
+    same recipe run in a subprocess."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
