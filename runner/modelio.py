@@ -51,8 +51,11 @@ def save_model(model: nn.Module, folder: Path, model_spec) -> None:
 
 def rebuild(model_spec, transforms: list[dict], state: dict) -> nn.Module:
     """A fresh model from its spec (a ModelSpec), replayed transforms and a state dict (strict)."""
-    model = replay(build_model(model_spec), transforms)
-    model.load_state_dict(state)
+    # Built as normal tensors even when the caller loads inside torch.inference_mode(): replaying channel
+    # pruning traces the model through autograd, which refuses inference-mode parameters.
+    with torch.inference_mode(False):
+        model = replay(build_model(model_spec), transforms)
+        model.load_state_dict(state)
     return model
 
 

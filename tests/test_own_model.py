@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runner.data.make_image_folder import make_image_folder
-from runner.modelio import load_model
+from runner.modelio import load_model, load_packed
 
 from conftest import read_metrics
 
@@ -43,6 +43,13 @@ def test_resnet18_from_weights_pruned_int8_and_exported(nnopt, tmp_path):
     assert final["test_acc"] >= loaded["test_acc"] - 0.15 and final["test_acc"] > 0.5
     assert exported["onnx_argmax_agreement"] >= 0.9
 
+    # FX graph mode: every conv int8 (17 + 3 projections), nothing left in float, each of the 8 residual `+`
+    # a quantized add_relu; the packed artifact reloads to the same outputs
     model = load_model(run / "04-int8")
     int8_convs = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
-    assert len(int8_convs) >= 20 and all(conv.weight().dtype == torch.qint8 for conv in int8_convs)
+    assert len(int8_convs) == 20 and all(conv.weight().dtype == torch.qint8 for conv in int8_convs)
+    assert not [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert [node.target for node in model.graph.nodes].count(torch.ops.quantized.add_relu) == 8
+    images = torch.rand(8, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(model(images), load_packed(run / "04-int8" / "model.dcz")(images))

@@ -178,15 +178,6 @@ def test_int8_of_resnet20_runs_int8_kernels_and_reloads_exactly(nnopt, write_rec
     assert exported["onnx_max_abs_diff"] <= 0.5 and exported["onnx_argmax_agreement"] >= 0.9
 
 
-@pytest.mark.slow
-def test_static_int8_of_torchvision_resnet18(nnopt, write_recipe, tmp_path):
-    recipe = residual_recipe("resnet18_int8", [_int8_stage("static_int8")],
-                             model={"torchvision": "resnet18", "args": {"num_classes": 4}}, shape=[3, 32, 32])
-    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
-    assert code == 0, err
-    _check_residual_int8(tmp_path / recipe["name"], recipe, convs=20, additions=8)  # 17 + 3 projections
-
-
 class _BranchesOnValues(nn.Module):
     def __init__(self):
         super().__init__()
