@@ -90,17 +90,22 @@ def initial_model(spec, data: Callable[[], Any]) -> tuple[nn.Module, str | None]
     before anything trains.
     """
     model, note = build_model(spec), None
-    path = spec.weights_path()
     try:
-        if path is not None:
-            weights = read_weights(path)
-            if weights.transforms:
-                model = replay(model, weights.transforms)
-            note = f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
+        if spec.weights_path() is not None:
+            model, note = with_weights(model, spec)
         _check_classes(spec, output_classes(model, data().examples("test", 2)[0]), data().num_classes)
     except WeightsError as error:
         raise RecipeError([spec.issue(error.field, error.message, error.hint)]) from None
     return model, note
+
+
+def with_weights(model: nn.Module, spec) -> tuple[nn.Module, str]:
+    """`spec.weights` fitted onto `model` (a stage folder's transforms, such as pruning masks, replayed first so
+    its state dict fits): the model and a line saying what loaded. Raises WeightsError with the field to fix."""
+    weights = read_weights(spec.weights_path())
+    if weights.transforms:
+        model = replay(model, weights.transforms)
+    return model, f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
 
 
 def _check_classes(spec, outputs: int, num_classes: int) -> None:

@@ -121,14 +121,10 @@ def _check_weights(spec, found) -> None:
 
     if layout_problem(spec.weights_path()):
         return  # check_model's error
-    from runner.modelio import fit_weights, read_weights, replay  # Torch-Pruning comes with slimming's replay
+    from runner.modelio import with_weights  # Torch-Pruning comes with slimming's replay
 
     try:
-        model = _build(spec, "cpu")
-        weights = read_weights(spec.weights_path())
-        if weights.transforms:
-            model = replay(model, weights.transforms)
-        fit_weights(model, weights, spec.strict)
+        with_weights(_build(spec, "cpu"), spec)
     except BuildFailed:
         return  # the meta build succeeded: the run names whatever makes a real one fail
     except WeightsError as error:
