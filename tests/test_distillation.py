@@ -60,10 +60,11 @@ def test_the_teacher_runs_in_eval_mode_without_gradients():
     first, second = teacher.logits(x), teacher.logits(x)
     assert torch.equal(first, second)  # dropout off
     assert not first.requires_grad and not any(p.requires_grad for p in model.parameters())
-    cost = teacher.cost(fit_seconds=10.0)
+    cost = teacher.cost(fit_seconds=10.0, world_size=1)
     assert cost["teacher"] == "train" and cost["teacher_params"] == 4 * 8 + 8 + 8 * 3 + 3
     assert teacher.seconds > 0 and cost["teacher_seconds"] == round(teacher.seconds, 3)
     assert cost["teacher_share"] == pytest.approx(teacher.seconds / 10, abs=1e-4)
+    assert cost["ranks"] == [{"examples": 32, "eval_mode": True, "frozen": True}]
 
 
 # ---- through the CLI ---------------------------------------------------------------------------------------

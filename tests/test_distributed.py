@@ -43,18 +43,21 @@ def assert_same_metrics(one: dict, two: dict, keys) -> None:
 
 
 def prune_recipe() -> dict:
-    """train with gradual pruning to 50% -> prune (one-shot, global magnitude) to 80% -> finetune -> evaluate."""
+    """train with gradual pruning to 50% -> prune (one-shot, global magnitude) to 80% -> finetune distilled from
+    the trained model -> evaluate."""
     recipe = synthetic_recipe(epochs=2, regularization=[{"l1": 1e-4}],
                               gradual_pruning={"sparsity": 0.5, "scope": "global", "end": {"fraction": 0.7},
                                                "every": {"steps": 4}})
     recipe["stages"][1:1] = [
         {"name": "prune", "kind": "prune", "scope": "global", "sparsity": 0.8},
-        {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
+        {"name": "finetune", "kind": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+         "distillation": {"teacher": "train", "temperature": 3.0, "alpha": 0.8}},
     ]
     return recipe
 
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recipe, nnopt, tmp_path):
+    """Distillation included: each rank loads the teacher stage itself and scores its own half of every batch."""
     path = write_recipe(prune_recipe())
     code, _, err = nnopt("run", path, "-O", tmp_path / "one")
     assert code == 0, err
@@ -81,6 +84,12 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(write_recip
     assert gradual[1]["sparsity"] == gradual[0]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert read_metrics(two, "03-finetune")["sparsity"] == read_metrics(one, "03-finetune")["sparsity"] > 0.7
     assert_same_metrics(read_metrics(one, "04-evaluate"), read_metrics(two, "04-evaluate"), ["test_loss", "test_acc"])
+    # The teacher's cost is reported; every rank's teacher scored its half of the epoch, in eval mode, frozen.
+    taught = [read_metrics(run, "03-finetune")["distillation"] for run in (one, two)]
+    assert taught[1]["teacher"] == "train" and taught[1]["teacher_params"] == taught[0]["teacher_params"] > 0
+    assert taught[1]["teacher_seconds"] > 0 and 0 < taught[1]["teacher_share"] < 1
+    assert taught[1]["ranks"] == [{"examples": 256, "eval_mode": True, "frozen": True}] * 2
+    assert taught[0]["ranks"] == [{"examples": 512, "eval_mode": True, "frozen": True}]
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def fit(spec, module: ClassifierModule, ctx, callbacks: list | None = None) -> d
     if not spec.allow_chance_accuracy:
         check_above_chance(ctx.name, metrics, data)
     if teacher is not None:
-        metrics["distillation"] = teacher.cost(wall)
+        metrics["distillation"] = teacher.cost(wall, trainer.world_size)
     return metrics
 
 

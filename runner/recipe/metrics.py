@@ -51,7 +51,8 @@ FIT = (
     Metric("lr_finder.*", "LR finder: steps it ran and steps asked (its curve: lr_finder.json, lr_finder.png)"),
     Metric("kept.*", "keep: best: the epoch whose weights the stage handed on, and its monitored value"),
     Metric("distillation.*", "distillation: the teacher stage, its parameters, the seconds its forward passes "
-                             "took and their share of the fit"),
+                             "took and their share of the fit; per rank, the examples it scored and whether it "
+                             "stayed in eval mode and frozen"),
 )
 
 PARAMETERS = (
