@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def write_reports(run_dir: Path, recipe, outcomes: list[StageOutcome], started: 
         "threads": torch.get_num_threads(),
         "started": started,
         "finished": finished,
+        # wall times mean little on a shared machine without it: the 1, 5 and 15 minute averages as the run ends
+        "load_average": [round(load, 2) for load in os.getloadavg()],
         "stages": [o.to_json() for o in outcomes],
         # legal but suspicious settings `validate` found (runner.recipe.semantics), as they were printed
         "warnings": [str(issue) for issue in getattr(recipe, "warnings", [])],
