@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import shlex
@@ -13,18 +14,24 @@ from pathlib import Path
 
 import yaml
 
+from runner.outcome import StageOutcome
+from runner.recipe.expect import RUN_METRICS
+from runner.verdicts import flat_metrics
+
 USAGE = """python -m bench.figures RUN_DIR [RUN_DIR ...] [--metric NAME ...]
 
 RUN_DIR is a run folder as `nnopt run` leaves it (outputs/<recipe>, or its seeds' parent). For each, a row of
-the reproduction table (the recipe's `expect` rules, what the run reached, the verdict, wall time, threads and
-the command), and with --metric a row of the measured table per NAME: `STAGE.KEY` (a stage's metrics.json,
-nested keys by dots: `prune.layer_sparsity_after.fc1.weight`) or a run-level metric (`test_error`). The command is
+the reproduction table (the recipe's `expect` rules, what the run reached, the verdict, seeds, wall time, threads,
+load and the command), and with --metric a row of the measured table per NAME, named as `expect` names metrics:
+`STAGE.KEY` with nested keys and list indices by dots (`prune.layer_sparsity_after.fc1.weight`,
+`lth.rounds.2.val_acc`) or a run-level metric (`test_error`). The command is
 rebuilt from the recipe file that owns the folder and checked: loading that file with its overrides must give the
 run's recipe exactly, with `trainer.threads` set to the count the run computed with (results depend on it). A
 folder that fails the check, or has no finished run, gives no row: exit 1."""
 
-RUN_LEVEL = ("test_error", "test_acc", "weights_kept", "compression_ratio", "bytes", "latency_ratio", "wall_seconds")
 PERCENT_SUFFIXES = ("error", "acc", "acc_drop", "kept", "sparsity")  # fractions shown as percentages
+# How a figure is written: `auto` by its name (fractions of a *_error, *_acc... metric as percentages), or as told
+FORMATS = ("auto", "percent", "count", "number", "ratio", "ms", "seconds")
 
 
 class FigureError(Exception):
@@ -50,14 +57,10 @@ class Run:
     def run_json(self, single: Path) -> dict:
         return _read_json(single / "run.json", f"{single} holds no run.json")
 
-    def stage_metrics(self, single: Path, stage: str) -> dict:
-        found = sorted(single.glob(f"[0-9][0-9]-{stage}/metrics.json"))
-        if not found:
-            raise FigureError(f"{single} has no finished stage named `{stage}`")
-        return json.loads(found[0].read_text())
-
-    def run_metrics(self, single: Path) -> dict:
-        return _read_json(single / "report.json", f"{single} holds no report.json")["run_metrics"]
+    def metrics(self, single: Path) -> dict[str, float]:
+        """Every number the run measured, named as `expect` names them (`prune.layer_sparsity_after.fc1.weight`,
+        `lth.rounds.2.val_acc`, `test_error`): runner.verdicts derives them from the stages run.json records."""
+        return flat_metrics([StageOutcome(**stage) for stage in self.run_json(single)["stages"]])
 
 
 def _read_json(path: Path, missing: str) -> dict:
@@ -101,13 +104,13 @@ def command(run: Run, cwd: Path) -> str:
     recipe_file = Path(owner.read_text().strip())
     if not recipe_file.is_file():
         raise FigureError(f"the recipe file that made {run.folder}, {recipe_file}, is gone")
-    ran = _with_threads(run)
+    ran = recipe_of(run)
     try:
         dumped = load_recipe(recipe_file).model_dump(mode="json", by_alias=True)
     except RecipeError as error:
         raise FigureError(f"{recipe_file} no longer loads: {error}") from None
     overrides = [".".join(map(str, path)) + "=" + _value_text(value)
-                 for path, value in _differences(_without_seeds(dumped), _without_seeds(ran))]
+                 for path, value in _differences(without_seeds(dumped), without_seeds(ran))]
     seeds = [] if run.seeds is None else [f"seeds=[{','.join(map(str, run.seeds))}]"]
     if run.seeds is None and ran["seed"] != dumped["seed"]:
         overrides.append(f"seed={ran['seed']}")
@@ -115,8 +118,8 @@ def command(run: Run, cwd: Path) -> str:
         rebuilt = load_recipe(recipe_file, overrides + seeds).model_dump(mode="json", by_alias=True)
     except RecipeError as error:
         raise FigureError(f"the overrides rebuilt for {run.folder} do not load: {error}") from None
-    if _without_seeds(rebuilt) != _without_seeds(ran):
-        where, now, then = _first_difference(_without_seeds(rebuilt), _without_seeds(ran))
+    if without_seeds(rebuilt) != without_seeds(ran):
+        where, now, then = first_difference(without_seeds(rebuilt), without_seeds(ran))
         raise FigureError(f"no command rebuilds its recipe from {recipe_file}: at {where} the file gives {now!r}, the "
                           f"run had {then!r} (a run from another nnopt version, whose schema differed: rerun it)")
     words = ["nnopt", "run", _shown_path(recipe_file, cwd)]
@@ -130,7 +133,7 @@ def command(run: Run, cwd: Path) -> str:
     return shlex.join(words)
 
 
-def _with_threads(run: Run) -> dict:
+def recipe_of(run: Run) -> dict:
     """The run's recipe with the thread count it computed with: a run that left `trainer.threads` unset is
     reproduced (and its artifacts reused: the fingerprint holds the count) by the command that sets it."""
     records = [run.run_json(single) for single in run.singles]
@@ -144,21 +147,21 @@ def _with_threads(run: Run) -> dict:
     return recipe
 
 
-def _first_difference(now, then, path: str = "") -> tuple[str, object, object]:
+def first_difference(now, then, path: str = "") -> tuple[str, object, object]:
     """Where two recipe dumps first differ: (dotted path, value now, value in the run; `<absent>` for a missing key)."""
     if isinstance(now, dict) and isinstance(then, dict):
         for key in list(now) + [key for key in then if key not in now]:
             a, b = now.get(key, "<absent>"), then.get(key, "<absent>")
             if a != b:
-                return _first_difference(a, b, f"{path}.{key}".strip("."))
+                return first_difference(a, b, f"{path}.{key}".strip("."))
     if isinstance(now, list) and isinstance(then, list) and len(now) == len(then):
         for index, (a, b) in enumerate(zip(now, then)):
             if a != b:
-                return _first_difference(a, b, f"{path}[{index}]")
+                return first_difference(a, b, f"{path}[{index}]")
     return path, now, then
 
 
-def _without_seeds(recipe: dict) -> dict:
+def without_seeds(recipe: dict) -> dict:
     return {key: value for key, value in recipe.items() if key not in ("seed", "seeds")}
 
 
@@ -170,47 +173,52 @@ def _shown_path(path: Path, cwd: Path) -> str:
 # ---- figures ------------------------------------------------------------------------------------------
 
 
-def _number(name: str, value: float) -> str:
-    if isinstance(value, float) and name.rsplit(".", 1)[-1].endswith(PERCENT_SUFFIXES) and 0 <= value <= 1:
+def _number(name: str, value: float, how: str = "auto") -> str:
+    if how == "auto":
+        named = any(part.endswith(PERCENT_SUFFIXES) for part in name.split("."))  # `evaluate.layer_sparsity.fc1.weight`
+        percent = isinstance(value, float) and named and 0 <= value <= 1
+        how = "percent" if percent else "count" if isinstance(value, int) else "number"
+    if how == "percent":
         return f"{100 * value:.2f}%"
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+    if how == "count":
+        return f"{round(value):,}"
+    return f"{value:.4g}" + {"number": "", "ratio": "x", "ms": " ms", "seconds": " s"}[how]
 
 
-def _figure(name: str, values: list) -> str:
+def figure(name: str, values: list, how: str = "auto") -> str:
     """One value, or mean ± sample std and the values per seed."""
+    each = [_number(name, value, how) for value in values]
     if len(values) == 1:
-        return _number(name, values[0])
+        return each[0]
     mean, std = statistics.fmean(values), statistics.stdev(values)
-    shown = [_number(name, v) for v in (mean, std)]
+    if how == "count" or (how == "auto" and all(isinstance(value, int) for value in values)):
+        shown = [f"{mean:,.1f}", f"{std:,.1f}"]  # a mean of counts is no count
+    else:
+        shown = [_number(name, float(value), how) for value in (mean, std)]
     if shown[0].endswith("%"):
         shown[1] = shown[1].rstrip("%") + " points"
-    return f"{shown[0]} ± {shown[1]} ({', '.join(_number(name, v) for v in values)})"
+    return f"{shown[0]} ± {shown[1]} ({', '.join(each)})"
 
 
 def metric_values(run: Run, name: str) -> list:
+    """`name`'s value in each of the run's seeds."""
     values = []
     for single in run.singles:
-        if "." in name:
-            stage, _, key = name.partition(".")
-            found = run.stage_metrics(single, stage)
-            for part in key.split("."):
-                if not isinstance(found, dict) or part not in found:
-                    raise FigureError(f"{single}: stage `{stage}` wrote no `{key}`")
-                found = found[part]
-        elif name in RUN_LEVEL:
-            found = run.run_metrics(single).get(name)
-        else:
-            raise FigureError(f"`{name}` is neither STAGE.KEY nor a run-level metric ({', '.join(RUN_LEVEL)})")
-        if not isinstance(found, (int, float)) or isinstance(found, bool):
-            raise FigureError(f"{single}: `{name}` is {found!r}, not a number")
-        values.append(found)
+        found = run.metrics(single)
+        if name not in found:
+            near = difflib.get_close_matches(name, list(found), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(f'`{n}`' for n in near)}?" if near else (
+                f" (a stage's STAGE.KEY, nested keys by dots, or a run-level metric: {', '.join(RUN_METRICS)})")
+            raise FigureError(f"{single} measured no number named `{name}`{hint}")
+        values.append(found[name])
     return values
 
 
 def conditions(run: Run) -> str:
-    """Wall time of the stages the runs computed (a reused stage was timed in the run that built it, which its
-    run.json no longer holds), threads, torch and the date."""
-    seconds, ran, total, threads, torch_versions, finished = 0.0, 0, 0, set(), set(), []
+    """Seeds, wall time of the stages the runs computed (a reused stage was timed in the run that built it, which
+    its run.json no longer holds), threads, torch, the load average as each run ended (where run.json has it) and
+    the date."""
+    seconds, ran, total, threads, torch_versions, loads, finished = 0.0, 0, 0, set(), set(), [], []
     for single in run.singles:
         record = run.run_json(single)
         for stage in record["stages"]:
@@ -220,44 +228,65 @@ def conditions(run: Run) -> str:
                 seconds += stage["seconds"] or 0
         threads.add(record["threads"])
         torch_versions.add(record["versions"]["torch"])
+        if "load_average" in record:
+            loads.append(record["load_average"][1])  # the 5-minute average: most of a run's stages
         finished.append(record["finished"][:10])
+    seeds = f"seed {run.run_json(run.singles[0])['seed']}" if run.seeds is None else \
+        f"seeds {', '.join(map(str, run.seeds))}"
     wall = f"{seconds:.0f} s" if ran else "-"
     if run.seeds is not None:
         wall += f" for {len(run.singles)} seeds"
     if ran < total:
         wall += f" ({total - ran} of {total} stages reused, timed when built)"
-    return (f"{wall}; {'/'.join(map(str, sorted(threads)))} thread(s), torch {'/'.join(sorted(torch_versions))}, "
-            f"{max(finished)}")
+    load = ""
+    if loads:
+        low, high = f"{min(loads):.1f}", f"{max(loads):.1f}"
+        load = f", load {low}" + (f"-{high}" if high != low else "")
+    return (f"{seeds}; {wall}; {'/'.join(map(str, sorted(threads)))} thread(s), torch "
+            f"{'/'.join(sorted(torch_versions))}{load}, {max(finished)}")
 
 
-def reproduction_row(run: Run, cwd: Path) -> str:
+def rules_text(source: str, rules: list[tuple[str, str]]) -> str:
+    """An `expect` block as one cell: its source, then each metric's rule."""
+    return f"{source}: " + "; ".join(f"{metric} {rule}" for metric, rule in rules)
+
+
+def reproduction_cells(run: Run, cwd: Path, label: str | None = None, extra: list[tuple[str, str, str]] = ()) \
+        -> list[str]:
+    """recipe, expect rules, what the run reached (the verdicts' metrics, then `extra`: (metric, label, format)),
+    verdict, conditions, command."""
     expect = run.report.get("expect")
-    name = run.run_json(run.singles[0])["recipe"]["name"]
+    label = label or f"`{run.run_json(run.singles[0])['recipe']['name']}`"
+    reached = [_labelled(label, figure(name, metric_values(run, name), how)) for name, label, how in extra]
     if expect is None:
-        rules, reached, result = "no `expect` block", "", "-"
+        rules, result = "no `expect` block", "-"
     else:
         verdicts = expect["verdicts"]
-        rules = f"{expect['source']}: " + "; ".join(f"{v['metric']} {v['rule']}" for v in verdicts)
-        reached = "; ".join(f"{v['metric']} " + (_figure(v["metric"], _verdict_values(run, v["metric"]))
-                                                  if v["value"] is not None else "not produced") for v in verdicts)
+        rules = rules_text(expect["source"], [(v["metric"], v["rule"]) for v in verdicts])
+        reached[:0] = [f"{v['metric']} " + (figure(v["metric"], metric_values(run, v["metric"]))
+                                            if v["value"] is not None else "not produced") for v in verdicts]
         passed = sum(v["passed"] for v in verdicts)
         result = f"{'PASS' if expect['passed'] else 'FAIL'} ({passed}/{len(verdicts)})"
-    cells = [f"`{name}`", rules, reached, result, conditions(run), f"`{command(run, cwd)}`"]
+    return [label, rules, "; ".join(reached), result, conditions(run), f"`{command(run, cwd)}`"]
+
+
+def measured_cells(run: Run, metrics: list[tuple[str, str, str]], cwd: Path, what: str | None = None) -> list[str]:
+    """what, the figures of `metrics` ((metric, label, format) each), conditions, command."""
+    what = what or f"`{run.run_json(run.singles[0])['recipe']['name']}` " + ", ".join(name for name, _, _ in metrics)
+    figures = "; ".join(_labelled(label, figure(name, metric_values(run, name), how)) for name, label, how in metrics)
+    return [what, figures, conditions(run), f"`{command(run, cwd)}`"]
+
+
+def _labelled(label: str, text: str) -> str:
+    return f"{label} {text}" if label else text
+
+
+def table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
-def _verdict_values(run: Run, metric: str) -> list:
-    if "." in metric or metric in RUN_LEVEL:
-        return metric_values(run, metric)
-    raise FigureError(f"expect metric `{metric}` is neither STAGE.KEY nor run-level")
-
-
-def measured_row(run: Run, name: str, cwd: Path) -> str:
-    recipe = run.run_json(run.singles[0])["recipe"]["name"]
-    source = f"{name.split('.', 1)[0]}'s metrics.json" if "." in name else "report.json run_metrics"
-    cells = [f"`{recipe}` {name}", _figure(name, metric_values(run, name)), conditions(run),
-             f"`{command(run, cwd)}` ({source})"]
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+REPRODUCTION_HEADER = ["| recipe | expect | ours | result | seeds; wall; conditions | command |", "|---|---|---|---|---|---|"]
+MEASURED_HEADER = ["| what | figure | seeds; wall; conditions | command |", "|---|---|---|---|"]
 
 
 def tables(folders: list[Path], metrics: list[str], cwd: Path) -> tuple[str, list[str]]:
@@ -267,21 +296,20 @@ def tables(folders: list[Path], metrics: list[str], cwd: Path) -> tuple[str, lis
     for folder in folders:
         try:
             run = Run.read(folder)
-            reproductions.append(reproduction_row(run, cwd))
+            reproductions.append(table_row(reproduction_cells(run, cwd)))
         except FigureError as error:
             errors.append(f"{folder}: {error}")
             continue
         for name in metrics:
             try:
-                measured.append(measured_row(run, name, cwd))
+                measured.append(table_row(measured_cells(run, [(name, "", "auto")], cwd)))
             except FigureError as error:
                 errors.append(f"{folder} {name}: {error}")
     lines = []
     if reproductions:
-        lines += ["| recipe | expect | ours | result | wall; conditions | command |", "|---|---|---|---|---|---|",
-                  *reproductions, ""]
+        lines += [*REPRODUCTION_HEADER, *reproductions, ""]
     if measured:
-        lines += ["| what | figure | wall; conditions | command |", "|---|---|---|---|", *measured, ""]
+        lines += [*MEASURED_HEADER, *measured, ""]
     return "\n".join(lines), errors
 
 

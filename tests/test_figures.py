@@ -61,7 +61,7 @@ def test_a_metric_no_stage_wrote_is_refused(seeded_run, capsys):
     _, run_dir = seeded_run
     assert figures([str(run_dir), "--metric", "train.no_such_metric"]) == 1
     captured = capsys.readouterr()
-    assert "| `tiny`" in captured.out and "wrote no `no_such_metric`" in captured.err
+    assert "| `tiny`" in captured.out and "measured no number named `train.no_such_metric`" in captured.err
 
 
 def test_a_folder_whose_recipe_file_changed_gives_no_row(seeded_run, capsys):
