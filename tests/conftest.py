@@ -25,6 +25,13 @@ def torch_threads_as_the_process_started():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def validate_cache_of_its_own(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty validate facts cache (runner.recipe.facts_cache), its subprocesses included:
+    one test's monkeypatched probe or registry must not answer another's validate."""
+    monkeypatch.setenv("NNOPT_VALIDATE_CACHE", str(tmp_path_factory.mktemp("validate_cache")))
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Write a recipe dict (or raw text) to a YAML file and return its path."""

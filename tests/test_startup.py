@@ -46,6 +46,29 @@ def test_commands_that_train_nothing_import_no_lightning():
     assert {command: entry["loaded"] for command, entry in found.items() if entry["loaded"]} == {}
 
 
+HIT_PROBE = """
+import contextlib, io, json, sys
+from runner.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = main(["validate", sys.argv[1]])
+print(json.dumps({"exit": code, "out": out.getvalue(), "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("recipe", ["recipes/han2015_lenet300.yaml", "recipes/prune_then_quant.yaml"])
+def test_validate_imports_no_torch_once_it_knows_the_recipe(recipe):
+    """The first validate imports torch (dry build, data facts) and caches what it learned
+    (runner.recipe.facts_cache); the next one of the same recipe answers the same without importing it."""
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", HIT_PROBE, recipe], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [run["exit"] for run in runs] == [0, 0] and runs[0]["out"] == runs[1]["out"]
+    assert [run["torch"] for run in runs] == [True, False]
+
+
 def _float_cache(folder: Path, pixels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """An earlier version's cache: float32 pixels k/256 and int64 labels under the old name."""
     arrays = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from runner.errors import RecipeError
-from runner.recipe.checks import check_names, check_recipe
+from runner.recipe.checks import check_names, check_recipe, look_at_data
 from runner.recipe.locate import issues_from_validation
 from runner.recipe.overrides import apply_overrides
 from runner.recipe.schema import Recipe
@@ -25,9 +25,10 @@ def validate_source(source: Source, build_user_code: bool = False) -> Recipe:
         # Report unknown model/data names too, so one run of `validate` shows every problem.
         issues = issues_from_validation(err, source, Recipe) + check_names(source)
         raise RecipeError(sorted(issues, key=lambda i: (i.line or 0, i.column or 0))) from None
-    issues = check_recipe(recipe, source)
+    data = look_at_data(recipe.data)
+    issues = check_recipe(recipe, source, data)
     # The dry build needs names and arguments that resolve: it runs once the checks above pass.
-    found = check_semantics(recipe, source, build_user_code, dry_build=not issues)
+    found = check_semantics(recipe, source, data, build_user_code, dry_build=not issues)
     issues += found.errors
     if issues:
         raise RecipeError(sorted(issues, key=lambda i: (i.line or 0, i.column or 0)))

@@ -16,7 +16,8 @@ from runner.recipe.expect import RUN_METRICS, reports, stage_metric_patterns
 from runner.recipe.locate import dotted, located_issue
 from runner.recipe.references import check_stage_references
 from runner.recipe.schema import Recipe
-from runner.recipe.semantics import teacher_models, training_blocks
+from runner.recipe.facts_cache import Recorder, code_state, folder_state, model_key, registered, remember
+from runner.recipe.semantics import known_data, teacher_models, training_blocks
 from runner.recipe.source import Source, shorten
 from runner.registry import Registry, UnknownName, did_you_mean
 
@@ -51,33 +52,34 @@ def _args_model(factory: Callable, signature: inspect.Signature) -> type:
         return create_model(name, __config__=config, **{k: (Any, d) for k, (_, d) in fields.items()})
 
 
-def check_factory_args(source: Source, path: tuple, factory: Callable, args: dict) -> list[Issue]:
-    """The recipe's `args` against the factory's signature, without calling the factory."""
+def factory_arg_problems(path: tuple, factory: Callable, args: dict) -> list[tuple]:
+    """(field path, message, hint) for the recipe's `args` against the factory's signature, without calling the
+    factory."""
     signature = _signature(factory)
     if signature is None:
         return []
     required_positional = [name for name, p in signature.parameters.items()
                            if p.kind == p.POSITIONAL_ONLY and p.default is inspect.Parameter.empty]
     if required_positional:
-        return [located_issue(source, path, f"the factory needs positional-only arguments ({', '.join(required_positional)}), "
-                       "which a recipe cannot pass", "wrap it in a function that takes keyword arguments")]
+        return [(path, f"the factory needs positional-only arguments ({', '.join(required_positional)}), "
+                 "which a recipe cannot pass", "wrap it in a function that takes keyword arguments")]
     try:
         _args_model(factory, signature).model_validate(args)
     except ValidationError as err:
-        issues = []
+        problems = []
         params = [name for name, p in signature.parameters.items()
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for error in err.errors():
             arg_path = path + tuple(error["loc"])
             if error["type"] == "extra_forbidden":
                 guess = did_you_mean(str(error["loc"][-1]), params)
-                issues.append(located_issue(source, arg_path, f"unknown argument `{error['loc'][-1]}`",
-                                     (guess + " " if guess else "") + "arguments: " + ", ".join(params)))
+                problems.append((arg_path, f"unknown argument `{error['loc'][-1]}`",
+                                 (guess + " " if guess else "") + "arguments: " + ", ".join(params)))
             elif error["type"] == "missing":
-                issues.append(located_issue(source, arg_path, f"missing required argument `{error['loc'][-1]}`"))
+                problems.append((arg_path, f"missing required argument `{error['loc'][-1]}`", None))
             else:
-                issues.append(located_issue(source, arg_path, error["msg"]))
-        return issues
+                problems.append((arg_path, error["msg"], None))
+        return problems
     return []
 
 
@@ -101,7 +103,8 @@ def check_names(source: Source) -> list[Issue]:
     return issues
 
 
-def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
+def check_recipe(recipe: Recipe, source: Source, data: dict) -> list[Issue]:
+    """Cross-field and registry checks; `data` is look_at_data's record of the data spec."""
     issues: list[Issue] = []
     seen: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
@@ -114,7 +117,7 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
     for path, teacher in teacher_models(recipe):
         issues += check_model(teacher, source, path)
 
-    issues += check_data(recipe.data, source)
+    issues += [located_issue(source, tuple(path), message, hint) for path, message, hint in data["problems"]]
 
     issues += _check_optional_packages(recipe, source)
     issues += _check_trainer(recipe, source)
@@ -124,8 +127,17 @@ def check_recipe(recipe: Recipe, source: Source) -> list[Issue]:
 
 
 def check_model(spec, source: Source, where: tuple = ("model",)) -> list[Issue]:
-    """The architecture exists and takes the recipe's arguments; hub builders are never asked to download
-    weights; a weights path exists. Nothing of the user's code is called."""
+    """model_problems, located; remembered (runner.recipe.facts_cache) by the spec, the weights path's layout and
+    the user code, so that a model checked before needs neither torch nor a model library."""
+    key = {"spec": model_key(spec), "where": list(where), "weights": folder_state(spec.weights_path())}
+    return [located_issue(source, tuple(path), message, hint)
+            for path, message, hint in remember("model", key, lambda: model_problems(spec, where))]
+
+
+def model_problems(spec, where: tuple = ("model",)) -> list[tuple]:
+    """(field path, message, hint) for each problem of a model spec: the architecture exists and takes the
+    recipe's arguments; hub builders are never asked to download weights; a weights path exists. Nothing of the
+    user's code is called."""
     from runner.imports import ImportFailed
     from runner.models import factory_of, hub_source
     from runner.models.hub import MissingPackage, argument_problems, hub_weight_args
@@ -139,64 +151,84 @@ def check_model(spec, source: Source, where: tuple = ("model",)) -> list[Issue]:
         if hub_source(spec) is not None:  # hundreds of names: the closest, and where to list them all
             guess = did_you_mean(err.name, err.choices)
             hint = (guess + " " if guess else "") + f"{len(err.choices)} names: {hub_source(spec)}.models.list_models()"
-        return [located_issue(source, where + (source_field,), err.message, hint)]
+        return [(where + (source_field,), err.message, hint)]
     except (ImportFailed, MissingPackage) as err:
-        return [located_issue(source, where + (source_field,), err.message, err.hint)]
+        return [(where + (source_field,), err.message, err.hint)]
     if not callable(factory):
-        return [located_issue(source, where + ("import",), f"`{spec.import_}` is a {type(factory).__name__}, not a "
-                       "function or class that builds the model")]
+        return [(where + ("import",), f"`{spec.import_}` is a {type(factory).__name__}, not a "
+                 "function or class that builds the model", None)]
 
     hub = hub_source(spec)
     if hub is None:
-        issues = check_factory_args(source, where + ("args",), factory, spec.args)
+        problems = factory_arg_problems(where + ("args",), factory, spec.args)
     else:
         asked = hub_weight_args(hub, spec.args)
-        issues = [located_issue(source, where + ("args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
-                         "never downloads (machines without internet cannot, and the run's fingerprint could "
-                         "not include them)", "save the weights once as a file (torch.save(model.state_dict(), "
-                         "PATH)) and give `model.weights: PATH`") for arg in asked]
-        if not issues:
-            issues = [located_issue(source, where + ("args",) + ((arg,) if arg else ()), message, hint)
-                      for arg, message, hint in argument_problems(factory, spec.args)]
+        problems = [(where + ("args", arg), f"`{arg}` asks {hub} for pretrained weights, which nnopt "
+                     "never downloads (machines without internet cannot, and the run's fingerprint could "
+                     "not include them)", "save the weights once as a file (torch.save(model.state_dict(), "
+                     "PATH)) and give `model.weights: PATH`") for arg in asked]
+        if not problems:
+            problems = [(where + ("args",) + ((arg,) if arg else ()), message, hint)
+                        for arg, message, hint in argument_problems(factory, spec.args)]
     path = spec.weights_path()
     problem = layout_problem(path) if path is not None else None
     if problem:
         relative = not Path(spec.weights).expanduser().is_absolute()
-        issues.append(located_issue(source, where + ("weights",), problem,
-                             "a relative path is relative to the recipe file's folder" if relative else None))
-    return issues
+        problems.append((where + ("weights",), problem,
+                         "a relative path is relative to the recipe file's folder" if relative else None))
+    return problems
 
 
-def check_data(spec, source: Source) -> list[Issue]:
-    """The data source exists (registered name, importable factory), its arguments bind, its files are
-    where they should be (a cheap look at names, never reading the data), and every transform builds."""
+def look_at_data(spec) -> dict:
+    """What validate learns of the data: data_problems, and the sizes, shape and classes with the transforms'
+    findings (runner.recipe.semantics.known_data). Remembered (runner.recipe.facts_cache) by the spec, the listing of its root folder and the user code."""
+    factory_args = spec.factory_args() if spec.name is not None else spec.args
+    root = factory_args.get("root")
+    key = {"spec": spec.model_dump(mode="json", by_alias=True, include={"name", "import_", "args", "transforms"}),
+           "args": factory_args, "root": folder_state(root) if isinstance(root, str) else None,
+           "code": code_state(spec.import_, spec.recipe_dir), "registered": registered("runner.data")}
+    return remember("data", key, lambda: _look_at_data(spec))
+
+
+def _look_at_data(spec) -> dict:
+    from dataclasses import asdict
+
+    problems = data_problems(spec)
+    recorder = Recorder()
+    facts = known_data(spec, recorder)
+    return {"problems": problems, "facts": asdict(facts) if facts is not None else None, "found": recorder.found}
+
+
+def data_problems(spec) -> list[tuple]:
+    """(field path, message, hint) for each problem of the data spec: the source exists (registered name,
+    importable factory), its arguments bind, its files are where they should be (a cheap look at names, never
+    reading the data), and every transform builds."""
     from runner.data import DATASETS, PREFLIGHT, DataUnavailable
     from runner.data.augment import TransformProblem, build_item
     from runner.imports import ImportFailed, resolve
 
-    if spec.name is not None:
-        factory, issues = _lookup(source, ("data", "name"), DATASETS, spec.name)
-    else:
-        try:
-            factory, issues = resolve(spec.import_, spec.recipe_dir), []
-        except ImportFailed as err:
-            factory, issues = None, [located_issue(source, ("data", "import"), err.message, err.hint)]
+    problems = []
+    try:
+        factory = DATASETS.get(spec.name) if spec.name is not None else resolve(spec.import_, spec.recipe_dir)
+    except UnknownName as err:
+        factory, problems = None, [(("data", "name"), err.message, err.hint)]
+    except ImportFailed as err:
+        factory, problems = None, [(("data", "import"), err.message, err.hint)]
     if factory is not None:
-        found = check_factory_args(source, ("data", "args"), factory, spec.args)
-        issues += found
+        found = factory_arg_problems(("data", "args"), factory, spec.args)
+        problems += found
         if not found and spec.name in PREFLIGHT:
             try:
                 PREFLIGHT[spec.name](**spec.factory_args())
             except DataUnavailable as err:
-                issues.append(located_issue(source, ("data", "args") + ((err.arg,) if err.arg else ()), err.message, err.hint))
+                problems.append((("data", "args") + ((err.arg,) if err.arg else ()), err.message, err.hint))
     for split in ("train", "eval"):
         for i, item in enumerate(getattr(spec.transforms, split)):
             try:
                 build_item(item)
             except TransformProblem as problem:
-                issues.append(located_issue(source, ("data", "transforms", split, i) + problem.where, problem.message,
-                                     problem.hint))
-    return issues
+                problems.append((("data", "transforms", split, i) + problem.where, problem.message, problem.hint))
+    return problems
 
 
 def missing_packages(names: tuple[str, ...]) -> list[str]:

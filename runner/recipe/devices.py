@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
-
-import torch
+from pathlib import Path
 
 GPU_NAMES = ("gpu", "cuda")
 
@@ -26,11 +26,17 @@ class Machine:
     @staticmethod
     @cache
     def probe() -> "Machine":
-        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if _no_gpu_driver():
+            cuda, bf16, mps = 0, False, False
+        else:
+            import torch
+
+            cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            bf16, mps = bool(cuda) and torch.cuda.is_bf16_supported(), torch.backends.mps.is_available()
         return Machine(
             cuda_devices=cuda,
-            bf16_on_cuda=bool(cuda) and torch.cuda.is_bf16_supported(),
-            mps=torch.backends.mps.is_available(),
+            bf16_on_cuda=bf16,
+            mps=mps,
             cpu_cores=os.cpu_count() or 1,
             torch_xla=importlib.util.find_spec("torch_xla") is not None,
             deepspeed=importlib.util.find_spec("deepspeed") is not None,
@@ -43,6 +49,13 @@ class Machine:
                 return "tpu"
             return "cuda" if self.cuda_devices else "mps" if self.mps else "cpu"
         return "cuda" if asked in GPU_NAMES else asked
+
+
+def _no_gpu_driver() -> bool:
+    """A Linux machine without NVIDIA's or AMD's GPU driver loaded: torch would find no GPU, so there is no need to
+    import it (seconds of `validate`) to ask. macOS keeps asking (Apple's Metal backend)."""
+    return (sys.platform.startswith("linux") and not Path("/proc/driver/nvidia").exists()
+            and not Path("/dev/kfd").exists())
 
 
 def world_size(settings, machine: Machine | None = None) -> int:
@@ -106,6 +119,8 @@ def problems(settings, machine: Machine | None = None) -> list[tuple[str, str, s
         found.append(("precision", "`16-mixed` (float16 AMP) runs only on GPUs; on CPU Lightning would silently "
                       "switch to bfloat16", "use `precision: bf16-mixed` on CPU"))
     if settings.precision == "bf16-mixed" and accelerator == "cuda" and machine.cuda_devices and not machine.bf16_on_cuda:
+        import torch
+
         found.append(("precision", f"this GPU ({torch.cuda.get_device_name(0)}) does not support bfloat16",
                       "use `precision: 16-mixed` (needs Ampere or newer for bf16)"))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from runner.errors import Issue
 import runner.recipe.states as states
 from runner.recipe.expect import RUN_METRICS
+from runner.recipe.facts_cache import Recorder, model_key, remember, replay, weights_state
 from runner.recipe.locate import dotted
 from runner.recipe.source import Source
 
@@ -252,7 +253,7 @@ def _image_folder_facts(spec):
     try:
         classes, samples = scan(**spec.factory_args())
     except (DataUnavailable, TypeError):
-        return None, None  # reported by runner.recipe.checks.check_data
+        return None, None  # reported by runner.recipe.checks.data_problems
     try:
         from torchvision.datasets.folder import default_loader
 
@@ -803,12 +804,12 @@ def check_expect(recipe, found: Findings) -> None:
 # ---- the whole walk ----------------------------------------------------------------------------------
 
 
-def check_semantics(recipe, source: Source, build_user_code: bool = False, dry_build: bool = True) -> Findings:
-    """Every semantic check that needs no training; with `dry_build` the model is built on the meta device
-    (runner.recipe.dry_build) when nnopt's or a model library's code builds it, user `import:` code only with
-    `build_user_code`."""
-    from runner.recipe.dry_build import check_model_fits, check_teachers
-
+def check_semantics(recipe, source: Source, data: dict, build_user_code: bool = False,
+                    dry_build: bool = True) -> Findings:
+    """Every semantic check that needs no training; `data` is runner.recipe.checks.look_at_data's record of the
+    data spec. With `dry_build` the model is built on the meta device (runner.recipe.dry_build) when nnopt's or a
+    model library's code builds it, user `import:` code only with `build_user_code`; its findings are
+    remembered (runner.recipe.facts_cache) by everything it reads."""
     found = Findings(source)
     check_order(recipe, found)
     check_pruning_sequence(recipe, found)
@@ -817,12 +818,37 @@ def check_semantics(recipe, source: Source, build_user_code: bool = False, dry_b
     check_repeats(recipe, found)
     check_bounds(recipe, found)
     check_expect(recipe, found)
-    facts = known_data(recipe.data, found)
+    replay(found, data["found"])
+    facts = None if data["facts"] is None else DataFacts(**(data["facts"] | {"shape": data["facts"]["shape"] and
+                                                                              tuple(data["facts"]["shape"])}))
     used = check_data_sizes(recipe, facts, found) if facts is not None else None
     check_schedules(recipe, used, found)
     if used is not None:
         check_example_counts(recipe, used, found)
     if dry_build:
-        check_teachers(list(teacher_models(recipe)), facts, found, build_user_code)
-        check_model_fits(recipe, facts, found, build_user_code)
+        teachers = list(teacher_models(recipe))
+        if teachers:  # loaded and run as the run will (rare): not remembered
+            from runner.recipe.dry_build import check_teachers
+
+            check_teachers(teachers, facts, found, build_user_code)
+        replay(found, remember("dry_build", _dry_build_key(recipe, data["facts"], build_user_code),
+                               lambda: _dry_build(recipe, facts, build_user_code)))
     return found
+
+
+def _dry_build_key(recipe, facts: dict | None, build_user_code: bool) -> dict:
+    """What the dry build reads: the model spec and its weights' content, the stages, the expect block, the data's
+    facts, and whether user code may run."""
+    return {"model": model_key(recipe.model), "weights": weights_state(recipe.model.weights_path()),
+            "stages": [stage.model_dump(mode="json", by_alias=True) for stage in recipe.stages],
+            "expect": recipe.expect.model_dump(mode="json", by_alias=True) if recipe.expect is not None else None,
+            "facts": facts, "build_user_code": build_user_code}
+
+
+def _dry_build(recipe, facts: DataFacts | None, build_user_code: bool) -> list:
+    from runner.recipe.dry_build import builds_user_code, check_model_fits
+
+    recorder = Recorder()
+    if not (builds_user_code(recipe.model) and not build_user_code):  # else nothing is built: no torch either
+        check_model_fits(recipe, facts, recorder, build_user_code)
+    return recorder.found
