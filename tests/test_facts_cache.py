@@ -8,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+from runner.data import PREFLIGHT
+from runner.data import image_folder
 from runner.recipe import dry_build
 from tests.conftest import synthetic_recipe
 
@@ -39,19 +41,29 @@ def _folder_recipe(root, write_recipe):
     return write_recipe(recipe)
 
 
-def test_a_changed_image_folder_is_seen(nnopt, write_recipe, tmp_path):
+def test_an_image_folder_is_scanned_once_and_its_changes_are_seen(nnopt, write_recipe, tmp_path, monkeypatch):
     from runner.data.make_image_folder import make_image_folder
 
     root = make_image_folder(tmp_path / "shapes", per_class=4, size=8)
     path = _folder_recipe(root, write_recipe)
+    scans = []
+
+    def counted(*args, **kwargs):
+        scans.append(args or kwargs)
+        return scan(*args, **kwargs)
+
+    scan = image_folder.scan
+    monkeypatch.setattr(image_folder, "scan", counted)
+    monkeypatch.setitem(PREFLIGHT, "image_folder", counted)
     assert nnopt("validate", path)[0] == 0
+    assert len(scans) == 1  # the preflight's scan gives the facts too
     for split in ("train", "val", "test"):  # a fifth class: the model's four outputs no longer fit
         shutil.copytree(root / split / "circle", root / split / "extra")
     code, _, err = nnopt("validate", path)
     assert code == 2 and "model.args.num_classes: the model outputs 4 classes, the data has 5" in err
     for split in ("train", "val", "test"):
         shutil.rmtree(root / split / "extra")
-    assert nnopt("validate", path)[0] == 0
+    assert nnopt("validate", path)[0] == 0 and len(scans) == 2  # the four-class answer again, from the cache
 
 
 def test_changed_weights_are_read_again(nnopt, write_recipe, tmp_path):

@@ -180,8 +180,9 @@ def model_problems(spec, where: tuple = ("model",)) -> list[tuple]:
 
 
 def look_at_data(spec) -> dict:
-    """What validate learns of the data: data_problems, and the sizes, shape and classes with the transforms'
-    findings (runner.recipe.semantics.known_data). Remembered (runner.recipe.facts_cache) by the spec, the listing of its root folder and the user code."""
+    """What validate learns of the data from one look at it: data_problems, and the sizes, shape and classes
+    with the transforms' findings (runner.recipe.semantics.known_data); an image folder is scanned once, for
+    both. Remembered (runner.recipe.facts_cache) by the spec, the listing of its root folder and the user code."""
     factory_args = spec.factory_args() if spec.name is not None else spec.args
     root = factory_args.get("root")
     key = {"spec": spec.model_dump(mode="json", by_alias=True, include={"name", "import_", "args", "transforms"}),
@@ -193,21 +194,22 @@ def look_at_data(spec) -> dict:
 def _look_at_data(spec) -> dict:
     from dataclasses import asdict
 
-    problems = data_problems(spec)
+    problems, looked = data_problems(spec)
     recorder = Recorder()
-    facts = known_data(spec, recorder)
+    facts = known_data(spec, recorder, looked)
     return {"problems": problems, "facts": asdict(facts) if facts is not None else None, "found": recorder.found}
 
 
-def data_problems(spec) -> list[tuple]:
+def data_problems(spec) -> tuple[list[tuple], Any]:
     """(field path, message, hint) for each problem of the data spec: the source exists (registered name,
     importable factory), its arguments bind, its files are where they should be (a cheap look at names, never
-    reading the data), and every transform builds."""
+    reading the data), and every transform builds. Also what the data set's preflight looked at (an image
+    folder's scan), or None."""
     from runner.data import DATASETS, PREFLIGHT, DataUnavailable
     from runner.data.augment import TransformProblem, build_item
     from runner.imports import ImportFailed, resolve
 
-    problems = []
+    problems, looked = [], None
     try:
         factory = DATASETS.get(spec.name) if spec.name is not None else resolve(spec.import_, spec.recipe_dir)
     except UnknownName as err:
@@ -219,7 +221,7 @@ def data_problems(spec) -> list[tuple]:
         problems += found
         if not found and spec.name in PREFLIGHT:
             try:
-                PREFLIGHT[spec.name](**spec.factory_args())
+                looked = PREFLIGHT[spec.name](**spec.factory_args())
             except DataUnavailable as err:
                 problems.append((("data", "args") + ((err.arg,) if err.arg else ()), err.message, err.hint))
     for split in ("train", "eval"):
@@ -228,7 +230,7 @@ def data_problems(spec) -> list[tuple]:
                 build_item(item)
             except TransformProblem as problem:
                 problems.append((("data", "transforms", split, i) + problem.where, problem.message, problem.hint))
-    return problems
+    return problems, looked
 
 
 def missing_packages(names: tuple[str, ...]) -> list[str]:

@@ -194,9 +194,10 @@ def _arguments(factory, args: dict) -> dict:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | dict(args)
 
 
-def known_data(spec, found: Findings | None = None) -> DataFacts | None:
+def known_data(spec, found: Findings | None = None, scanned=None) -> DataFacts | None:
     """Sizes, shape and classes of a registered data set: from its fixed size, its arguments (synthetic) or the
-    file names of its folder (image_folder); the shape as the transforms leave it, their failures reported."""
+    file names of its folder (image_folder; `scanned` is the preflight's scan of it, if it ran); the shape as the
+    transforms leave it, their failures reported."""
     from runner.data import DATASETS
     from runner.registry import UnknownName
 
@@ -216,7 +217,7 @@ def known_data(spec, found: Findings | None = None) -> DataFacts | None:
             sizes = {"train": train - val, "val": val, "test": test}
         facts = DataFacts(sizes, shape, classes)
     elif spec.name == "image_folder":
-        facts, example = _image_folder_facts(spec)
+        facts, example = _image_folder_facts(spec, scanned)
         if facts is None:
             return None
     elif {"num_train", "num_val", "num_test"} <= arguments.keys():
@@ -244,14 +245,15 @@ def known_data(spec, found: Findings | None = None) -> DataFacts | None:
     return facts
 
 
-def _image_folder_facts(spec):
+def _image_folder_facts(spec, scanned):
     """Examples per split and classes from the folder's file names (runner.data.image_folder.scan, no image
-    decoded), and the shape of its first training image, decoded as the run decodes it (RGB)."""
+    decoded: the preflight's scan when it ran), and the shape of its first training image, decoded as the run
+    decodes it (RGB)."""
     from runner.data import DataUnavailable
     from runner.data.image_folder import scan
 
     try:
-        classes, samples = scan(**spec.factory_args())
+        classes, samples = scanned if scanned is not None else scan(**spec.factory_args())
     except (DataUnavailable, TypeError):
         return None, None  # reported by runner.recipe.checks.data_problems
     try:
