@@ -24,7 +24,7 @@ from runner.compress import packed
 from runner.errors import RecipeError
 from runner.files import read_json, write_atomic, write_json
 from runner.models import build_model
-from runner.models.weights import WeightsError, fit_weights, output_classes, read_weights
+from runner.models.weights import WeightsError, class_count_problem, fit_weights, output_classes, read_weights
 from runner.transforms import replay, transforms_of
 
 MODEL_WEIGHTS = "model.pt"  # a plain state dict: loads with torch.load(weights_only=True)
@@ -93,7 +93,10 @@ def initial_model(spec, data: Callable[[], Any]) -> tuple[nn.Module, str | None]
     try:
         if spec.weights_path() is not None:
             model, note = with_weights(model, spec)
-        _check_classes(spec, output_classes(model, data().examples("test", 2)[0]), data().num_classes)
+        problem = class_count_problem(spec, output_classes(model, data().examples("test", 2)[0]), data().num_classes)
+        if problem:
+            field, message, hint = problem
+            raise WeightsError(message, hint, field=field)
     except WeightsError as error:
         raise RecipeError([spec.issue(error.field, error.message, error.hint)]) from None
     return model, note
@@ -106,15 +109,3 @@ def with_weights(model: nn.Module, spec) -> tuple[nn.Module, str]:
     if weights.transforms:
         model = replay(model, weights.transforms)
     return model, f"weights {spec.weights}: " + fit_weights(model, weights, spec.strict)
-
-
-def _check_classes(spec, outputs: int, num_classes: int) -> None:
-    if outputs == num_classes:
-        return
-    message = f"the model outputs {outputs} classes, the data has {num_classes}"
-    if spec.weights is not None:
-        raise WeightsError(message + " (with these weights)", f"to train a new classifier head from these weights, "
-                           f"set `args: {{num_classes: {num_classes}}}` and `strict: false`")
-    field = ("args", "num_classes") if "num_classes" in spec.args else ("args",)
-    raise WeightsError(message, f"set `model.args.num_classes: {num_classes}` (or the argument the model takes "
-                       "for its number of outputs)", field=field)

@@ -185,15 +185,23 @@ def test_class_count_mismatch_is_found_before_training(nnopt, write_recipe, tmp_
     recipe["data"]["args"]["num_classes"] = 4
     path = write_recipe(recipe)
     code, _, err = nnopt("run", path, "-O", tmp_path / "out")
-    assert_clean_error(code, err, f"{path}:", "the model outputs 10 classes, the data has 4", "num_classes: 4")
+    # weights loaded strictly fix the output layer: the hint names the three ways out, as at run start (below)
+    with_weights = ("model.weights: the model outputs 10 classes, the data has 4 (with these weights)",
+                    "these weights end in 10 outputs: to train a new classifier head from them, set `args: "
+                    "{num_classes: 4}` and `strict: false`; or give weights trained on 4 classes, or data with 10")
+    assert_clean_error(code, err, f"{path}:", *with_weights)
     assert not (tmp_path / "out" / "tiny" / "01-train").exists()
+    # loaded leniently, the architecture's arguments decide the head
+    lenient = write_recipe({**recipe, "model": {**recipe["model"], "strict": False}}, "lenient.yaml")
+    code, _, err = nnopt("validate", lenient)
+    assert_clean_error(code, err, f"{lenient}:", "model.args: the model outputs 10 classes, the "
+                       "data has 4", "set `model.args.num_classes: 4`")
 
     # Data whose classes only running it tells: found as the run starts, before the first stage trains.
     (tmp_path / "mydata.py").write_text(DATA_MODULE)
     recipe["data"] = {"import": "mydata:splits", "batch_size": 32}
     code, out, err = nnopt("run", write_recipe(recipe), "-O", tmp_path / "out")
-    assert_clean_error(code, err, f"{path}:", "model.weights: the model outputs 10 classes, the data has 4 (with these "
-                       "weights)", "set `args: {num_classes: 4}` and `strict: false`")
+    assert_clean_error(code, err, f"{path}:", *with_weights)
     assert "run train" not in out
 
     recipe["model"] = {"name": "mlp", "args": {"hidden": [32], "in_features": 32, "num_classes": 4},

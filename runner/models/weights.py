@@ -37,6 +37,30 @@ def _names(keys) -> str:
     return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
 
 
+def spec_field(spec) -> tuple:
+    """Where in a model spec its architecture is said: `args` when given, else the name, import or hub field."""
+    return ("args",) if spec.args else (next(k for k in ("name", "import", "torchvision", "timm")
+                                             if getattr(spec, k if k != "import" else "import_")),)
+
+
+def class_count_problem(spec, outputs: int, num_classes: int) -> tuple[tuple, str, str] | None:
+    """(field of the model spec, message, hint) when the model's outputs are not the data's classes, else None; the
+    hint names what to change. Weights loaded strictly fix the output layer's size: the fix is a new classifier head
+    (`num_classes` and `strict: false`), other weights, or other data. Otherwise the architecture's arguments
+    decide it (with `strict: false` a head the weights do not fit is built from them)."""
+    if outputs == num_classes:
+        return None
+    message = f"the model outputs {outputs} classes, the data has {num_classes}"
+    if spec.weights is not None and spec.strict:
+        return (("weights",), message + " (with these weights)",
+                f"these weights end in {outputs} outputs: to train a new classifier head from them, set `args: "
+                f"{{num_classes: {num_classes}}}` and `strict: false`; or give weights trained on {num_classes} "
+                f"classes, or data with {outputs}")
+    field = ("args", "num_classes") if "num_classes" in spec.args else spec_field(spec)
+    return (field, message, f"set `model.args.num_classes: {num_classes}` (or the argument the model takes for its "
+            "number of outputs)")
+
+
 def layout_problem(path: Path) -> str | None:
     """What is wrong with the path before anything is read (checked at `validate`), or None."""
     if not path.exists():

@@ -50,8 +50,9 @@ def _build(spec, device: str) -> nn.Module:
 
 
 def _model_field(spec) -> tuple:
-    return ("model", "args") if spec.args else ("model", next(k for k in ("name", "import", "torchvision", "timm")
-                                                              if getattr(spec, k if k != "import" else "import_")))
+    from runner.models.weights import spec_field
+
+    return ("model",) + spec_field(spec)
 
 
 def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
@@ -143,6 +144,8 @@ def _where(error: Exception) -> str:
 
 
 def _check_input_and_outputs(spec, model: nn.Module, parameters: int, facts, found) -> None:
+    from runner.models.weights import class_count_problem
+
     shape = tuple(facts.shape)
     try:
         output = _forward(model, shape, "meta")
@@ -161,12 +164,10 @@ def _check_input_and_outputs(spec, model: nn.Module, parameters: int, facts, fou
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         found.error(_model_field(spec), "the model's output is not a (batch, classes) tensor of logits")
         return
-    classes = output.shape[1]
-    if facts.num_classes is not None and classes != facts.num_classes:
-        field = ("model", "args", "num_classes") if "num_classes" in spec.args else _model_field(spec)
-        found.error(field, f"the model outputs {classes} classes, the data has {facts.num_classes}",
-                    f"set `model.args.num_classes: {facts.num_classes}` (or the argument the model takes for its "
-                    "number of outputs)")
+    problem = class_count_problem(spec, output.shape[1], facts.num_classes) if facts.num_classes is not None else None
+    if problem:  # the same message as the run's (runner.modelio.initial_model)
+        field, message, hint = problem
+        found.error(("model",) + field, message, hint)
 
 
 def _flat(shape) -> int:
