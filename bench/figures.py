@@ -122,14 +122,14 @@ def command(run: Run, cwd: Path) -> str:
         where, now, then = first_difference(without_seeds(rebuilt), without_seeds(ran))
         raise FigureError(f"no command rebuilds its recipe from {recipe_file}: at {where} the file gives {now!r}, the "
                           f"run had {then!r} (a run from another nnopt version, whose schema differed: rerun it)")
-    words = ["nnopt", "run", _shown_path(recipe_file, cwd)]
+    words = ["nnopt", "run", shown_path(recipe_file, cwd)]
     for text in overrides:
         words += ["-o", text]
     if run.seeds is not None and dumped.get("seeds") != run.seeds:
         words += ["--seeds", ",".join(map(str, run.seeds))]
     root = run.folder.resolve().parent
     if root != (cwd / "outputs").resolve():
-        words += ["-O", _shown_path(root, cwd)]
+        words += ["-O", shown_path(root, cwd)]
     return shlex.join(words)
 
 
@@ -165,7 +165,7 @@ def without_seeds(recipe: dict) -> dict:
     return {key: value for key, value in recipe.items() if key not in ("seed", "seeds")}
 
 
-def _shown_path(path: Path, cwd: Path) -> str:
+def shown_path(path: Path, cwd: Path) -> str:
     path = path.resolve()
     return os.path.relpath(path, cwd.resolve()) if path.is_relative_to(cwd.resolve()) else str(path)
 
@@ -251,10 +251,10 @@ def rules_text(source: str, rules: list[tuple[str, str]]) -> str:
     return f"{source}: " + "; ".join(f"{metric} {rule}" for metric, rule in rules)
 
 
-def reproduction_cells(run: Run, cwd: Path, label: str | None = None, extra: list[tuple[str, str, str]] = ()) \
-        -> list[str]:
+def reproduction_cells(run: Run, cwd: Path, label: str | None = None, extra: list[tuple[str, str, str]] = (),
+                       check: bool = False) -> list[str]:
     """recipe, expect rules, what the run reached (the verdicts' metrics, then `extra`: (metric, label, format)),
-    verdict, conditions, command."""
+    verdict, conditions, command (with `--check` when `check` and the recipe has an `expect` block)."""
     expect = run.report.get("expect")
     label = label or f"`{run.run_json(run.singles[0])['recipe']['name']}`"
     reached = [_labelled(label, figure(name, metric_values(run, name), how)) for name, label, how in extra]
@@ -267,7 +267,8 @@ def reproduction_cells(run: Run, cwd: Path, label: str | None = None, extra: lis
                                             if v["value"] is not None else "not produced") for v in verdicts]
         passed = sum(v["passed"] for v in verdicts)
         result = f"{'PASS' if expect['passed'] else 'FAIL'} ({passed}/{len(verdicts)})"
-    return [label, rules, "; ".join(reached), result, conditions(run), f"`{command(run, cwd)}`"]
+    shown = command(run, cwd) + (" --check" if check and expect is not None else "")
+    return [label, rules, "; ".join(reached), result, conditions(run), f"`{shown}`"]
 
 
 def measured_cells(run: Run, metrics: list[tuple[str, str, str]], cwd: Path, what: str | None = None) -> list[str]:
@@ -285,7 +286,8 @@ def table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
-REPRODUCTION_HEADER = ["| recipe | expect | ours | result | seeds; wall; conditions | command |", "|---|---|---|---|---|---|"]
+REPRODUCTION_HEADER = ["| recipe | expect | ours | result | seeds; wall; conditions | command |",
+                       "|---|---|---|---|---|---|"]
 MEASURED_HEADER = ["| what | figure | seeds; wall; conditions | command |", "|---|---|---|---|"]
 
 
