@@ -189,12 +189,16 @@ def row_cells(planned: Planned, root: Path, outputs: Path) -> tuple[list[str], s
     try:
         run = Run.read(planned.folder)
         check_run(run, planned, root)
+    except FigureError as error:
+        return (_unmeasured_cells(planned, f"not measured (the run at {shown} is not this command's)", root, outputs),
+                f"the run at {shown} is not this row's: {error}")
+    try:
         if planned.table == "measured":
             return measured_cells(run, planned.row.shown(), root, planned.row.label), None
         return reproduction_cells(run, root, planned.row.label, planned.row.shown(), check=True), None
-    except FigureError as error:
-        return (_unmeasured_cells(planned, f"not measured (the run at {shown} is not this command's)", root, outputs),
-                f"the run at {shown} does not count: {error}")
+    except FigureError as error:  # a metric the run has not (a name mistyped, or a run older than the metric)
+        return (_unmeasured_cells(planned, f"not measured (the run at {shown} lacks this row's figures)", root,
+                                  outputs), f"the run at {shown} lacks a figure: {error}")
 
 
 def tables(planned: list[Planned], root: Path, outputs: Path) -> tuple[dict[str, list[str]], list[str]]:

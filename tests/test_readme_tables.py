@@ -122,7 +122,7 @@ def test_a_run_of_another_command_gives_no_figure(project, capsys):
         {"recipe": "recipes/tiny.yaml", "seeds": [0, 1]},  # outputs/tiny is one seed's run
         {"recipe": "recipes/copy.yaml"},  # the same recipe, another file
         {"recipe": "recipes/tiny.yaml", "overrides": ["name=tiny_fast"], "seeds": [0, 1]},  # its lr was overridden
-    ], "measured": []}
+    ], "measured": [{"recipe": "recipes/tiny.yaml", "metrics": ["evaluate.test_los"]}]}  # the run's, a wrong name
     args = write(project, manifest)
     assert readme(args) == 0
     rows = table_rows((project / "README.md").read_text(), "reproductions")
@@ -133,6 +133,9 @@ def test_a_run_of_another_command_gives_no_figure(project, capsys):
     assert "the run is of seeds [0], the row's command of [0, 1]" in err
     assert f"it was made from {project / 'recipes' / 'tiny.yaml'}, not recipes/copy.yaml" in err
     assert "at stages[0].optimizer.lr the row's command gives 0.05, the run had 0.1" in err
+    [measured] = table_rows((project / "README.md").read_text(), "measured")
+    assert measured[1:3] == ["not measured (the run at outputs/tiny lacks this row's figures)", "-"]
+    assert "measured no number named `evaluate.test_los`; did you mean `evaluate.test_loss`" in err
 
 
 def test_a_bad_manifest_or_readme_is_refused_where_it_is_wrong(project, capsys):
