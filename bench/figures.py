@@ -34,6 +34,9 @@ PERCENT_SUFFIXES = ("error", "acc", "acc_drop", "kept", "sparsity")  # fractions
 FORMATS = ("auto", "percent", "count", "number", "ratio", "ms", "seconds")
 
 
+RUN_RECORD = ("recipe", "seed", "versions", "threads", "finished", "stages")  # what a row reads of run.json
+
+
 class FigureError(Exception):
     """A run folder no row can be written for, and why."""
 
@@ -55,7 +58,11 @@ class Run:
         return cls(folder, [folder], None, report)
 
     def run_json(self, single: Path) -> dict:
-        return _read_json(single / "run.json", f"{single} holds no run.json")
+        record = _read_json(single / "run.json", f"{single} holds no run.json")
+        lacking = [key for key in RUN_RECORD if key not in record]
+        if lacking:
+            raise FigureError(f"{single}/run.json has no {', '.join(lacking)}: a run by an older nnopt; rerun it")
+        return record
 
     def metrics(self, single: Path) -> dict[str, float]:
         """Every number the run measured, named as `expect` names them (`prune.layer_sparsity_after.fc1.weight`,
@@ -68,6 +75,8 @@ def _read_json(path: Path, missing: str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FigureError(missing) from None
+    except ValueError as error:
+        raise FigureError(f"{path} is not JSON ({error}): rerun") from None
 
 
 # ---- the command ------------------------------------------------------------------------------------
