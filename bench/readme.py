@@ -1,5 +1,4 @@
-"""`python -m bench.readme`: README's Reproductions and Measured tables rewritten from run folders, row by row as
-bench/readme_rows.yaml lists them; a row without a run that matches its command says so instead of a figure."""
+"""README's Reproductions and Measured tables rewritten from run folders as bench/readme_rows.yaml lists the rows."""
 
 from __future__ import annotations
 
