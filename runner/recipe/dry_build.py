@@ -1,5 +1,6 @@
-"""The model built without its weights (torch's meta device) at `validate`: does it take the data's input, give one
-output per class, have the layers the recipe names, leave every pruned layer some weights, and fit its quantizer."""
+"""The model built without its weights at `validate` (on the CPU; on torch's meta device when large): does it take the
+data's input, give one output per class, have the layers the recipe names, leave every pruned layer some weights,
+and fit its quantizer."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch import nn
 
 from runner.registry import did_you_mean
 
-# A real (CPU) copy is built only when the meta one cannot tell (the int8 probe; a forward pass that fails on
-# meta tensors), and only of a model this small.
+# A model this small is dry-built on the CPU: a real copy costs milliseconds to a fraction of a second, while torch's
+# meta kernels import sympy and torch._dynamo on the first forward pass (2-3 s of validate). Larger ones are built on
+# the meta device, and a real copy of them is never made.
 REAL_BUILD_MAX_PARAMETERS = 20_000_000
 
 
@@ -72,6 +74,11 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     if parameters == 0 and trains:
         found.error(_model_field(spec), "the model has no parameters to train")
         return
+    if parameters <= REAL_BUILD_MAX_PARAMETERS:
+        try:
+            model = _build(spec, "cpu")
+        except BuildFailed:
+            pass  # the meta build succeeded: the run names whatever makes a real one fail
     if spec.weights is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
         _check_weights(spec, found)
     if facts is not None and facts.shape is not None:
@@ -132,6 +139,10 @@ def _check_weights(spec, found) -> None:
         found.error(("model",) + tuple(error.field), error.message, error.hint)
 
 
+def _device(model: nn.Module) -> str:
+    return "meta" if any(p.is_meta for p in model.parameters()) else "cpu"
+
+
 def _forward(model: nn.Module, shape: tuple, device: str) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(torch.zeros((2,) + shape, device=device))
@@ -146,19 +157,22 @@ def _where(error: Exception) -> str:
 def _check_input_and_outputs(spec, model: nn.Module, parameters: int, facts, found) -> None:
     from runner.models.weights import class_count_problem
 
-    shape = tuple(facts.shape)
+    shape, device = tuple(facts.shape), _device(model)
     try:
-        output = _forward(model, shape, "meta")
-    except Exception:  # a shape mismatch, or code a meta tensor cannot run (`.item()`): try real numbers
         try:
+            output = _forward(model, shape, device)
+        except Exception:
+            if device == "cpu":
+                raise
+            # a shape mismatch, or code a meta tensor cannot run (`.item()`): real numbers tell, for a small model
             output = _forward(_build(spec, "cpu"), shape, "cpu") if parameters <= REAL_BUILD_MAX_PARAMETERS else None
-        except BuildFailed:
-            return  # the meta build worked; a real one fails only for reasons the run will name
-        except Exception as error:  # the forward pass itself: a shape mismatch, or a bug behind `import:`
-            found.error(_model_field(spec), f"the model's forward pass fails on a batch of the data's examples "
-                        f"(shape {shape}): {type(error).__name__}: {_first_line(error)}{_where(error)}",
-                        f"match the model's input to the data (for mlp and lenet_300_100: `in_features: {_flat(shape)}`)")
-            return
+    except BuildFailed:
+        return  # the meta build worked; a real one fails only for reasons the run will name
+    except Exception as error:  # the forward pass itself: a shape mismatch, or a bug behind `import:`
+        found.error(_model_field(spec), f"the model's forward pass fails on a batch of the data's examples "
+                    f"(shape {shape}): {type(error).__name__}: {_first_line(error)}{_where(error)}",
+                    f"match the model's input to the data (for mlp and lenet_300_100: `in_features: {_flat(shape)}`)")
+        return
     if output is None:
         return
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
@@ -335,7 +349,7 @@ def _check_structure(recipe, model: nn.Module, facts, found) -> None:
             # neuron pruning does not need
             from runner.slimming import check_supported
 
-            problem = check_supported(model, torch.zeros((2,) + tuple(shape), device="meta"))
+            problem = check_supported(model, torch.zeros((2,) + tuple(shape), device=_device(model)))
             if problem:
                 found.error(("stages", i, "granularity"), f"structured pruning cannot follow this model: {problem}",
                             "neurons and channels are removed in sequential chains and in networks Torch-Pruning "
