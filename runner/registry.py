@@ -14,6 +14,17 @@ def did_you_mean(word: str, choices: list[str]) -> str | None:
     return f"did you mean `{close[0]}`?" if close else None
 
 
+def closest_names(word: str, choices: list[str], kind: str, shown: int = 20) -> str:
+    """The hint for a name (or glob pattern) that names none of `choices`: the close ones, else the choices
+    themselves (the first `shown`), introduced by `kind` ("layers", "parameters")."""
+    close = difflib.get_close_matches(str(word), choices, n=3, cutoff=0.6)
+    if close:
+        quoted = [f"`{name}`" for name in close]
+        return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
+    more = f", ... ({len(choices)} in all)" if len(choices) > shown else ""
+    return f"{kind}: " + ", ".join(choices[:shown]) + more
+
+
 class UnknownName(KeyError):
     def __init__(self, kind: str, name: str, choices: list[str]):
         self.kind, self.name, self.choices = kind, name, choices

@@ -127,12 +127,15 @@ def test_mixed_precision_mistakes_are_located_validate_errors(nnopt, write_recip
     assert message in " ".join(err.split()) and "recipe.yaml:" in err
 
 
-def test_skipping_a_layer_the_model_lacks_names_the_layers(nnopt, write_recipe, tmp_path):
+def test_skipping_a_layer_the_model_lacks_is_refused_before_training_with_the_close_names(nnopt, write_recipe,
+                                                                                          tmp_path):
     recipe = _recipe({"skip": ["fc4"]})
     del recipe["stages"][1]
-    code, _, err = nnopt("run", write_recipe(recipe), "-O", tmp_path)
-    assert code != 0
-    assert "skip: `fc4` is no layer that static_int8 quantizes" in " ".join(err.split()) and "fc1, fc2, fc3" in err
+    path = write_recipe(recipe)
+    code, _, err = nnopt("run", path, "-O", tmp_path)
+    assert code == 2 and not (tmp_path / "tiny").exists()  # the dry build found it: nothing trained
+    assert (f"{path}:" in err and "stages[1].skip[0]: `fc4` is no layer of the model that static_int8 quantizes"
+            in " ".join(err.split()) and "did you mean `fc3`, `fc2` or `fc1`?" in err)
 
 
 @pytest.mark.slow

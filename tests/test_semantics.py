@@ -671,7 +671,24 @@ STAGE_SETTINGS = {
                                                   "weights, but the pruned layers have 1,344"]),
     "allocation bounds that match nothing": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
                                                "allocation": {"bounds": {"conv*": [0.1, 0.5]}}}], {},
-                                             ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer"]),
+                                             ["stages[1].allocation.bounds.conv*: `conv*` matches no pruned layer",
+                                              "pruned: fc1, fc1.weight, fc2, fc2.weight"]),
+    "allocation bounds with a misspelt layer": ([{"name": "p", "kind": "prune", "scope": "auto", "sparsity": 0.5,
+                                                  "allocation": {"bounds": {"fc11": [0.1, 0.5]}}}], {},
+                                                ["stages[1].allocation.bounds.fc11: `fc11` matches no pruned layer",
+                                                 "did you mean `fc1`?"]),
+    "a bits pattern with a misspelt weight": ([{"name": "share", "kind": "quantize", "method": "weight_sharing",
+                                                "bits": {"fc1.wieght": 4, "*": 2}}], {},
+                                              ["stages[1].bits.fc1.wieght: `fc1.wieght` matches no parameter of the model",
+                                               "did you mean `fc1.weight` or `fc2.weight`?"]),
+    "an int8 skip the model lacks": ([{**QUANTIZE, "method": "static_int8", "calibration_batches": 2,
+                                       "skip": ["fc2", "fc3"]}], {},
+                                     ["stages[1].skip[1]: `fc3` is no layer of the model that static_int8 quantizes",
+                                      "did you mean `fc2` or `fc1`?"]),
+    "an int8 skip of a layer int8 leaves in float": ([QUANTIZE | {"skip": ["act1"]}], {},
+                                                     ["stages[1].skip[0]: `act1` is a ReLU, which dynamic_int8 does not "
+                                                      "quantize: it stays in float without `skip`",
+                                                      "dynamic_int8 quantizes: fc1, fc2"]),
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner.registry import did_you_mean
+from runner.registry import closest_names
 
 # A model this small is dry-built on the CPU: a real copy costs milliseconds to a fraction of a second, while torch's
 # meta kernels import sympy and torch._dynamo on the first forward pass (2-3 s of validate). Larger ones are built on
@@ -84,6 +84,7 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     if facts is not None and facts.shape is not None:
         _check_input_and_outputs(spec, model, parameters, facts, found)
     _check_patterns(recipe, model, found)
+    _check_skip(recipe, model, found)
     _check_codebooks(recipe, model, found)
     _check_bytes_budget(recipe, model, found)
     _check_structure(recipe, model, facts, found)
@@ -219,13 +220,13 @@ def _check_patterns(recipe, model: nn.Module, found) -> None:
     patterns += [(path + ("params", k), pattern) for path, spec, _ in specs for k, pattern in enumerate(spec.params or [])]
     for path, pattern in patterns:
         if not fnmatch.filter(names, pattern):
-            found.error(path, f"`{pattern}` matches no parameter of the model", "parameters: " + ", ".join(names))
+            found.error(path, f"`{pattern}` matches no parameter of the model", closest_names(pattern, names, "parameters"))
     for i, stage in enumerate(recipe.stages):
         bounds = stage.allocation.bounds if stage.kind == "prune" and stage.allocation is not None else {}
         prunable = pruning.prunable_names(model, stage.params) if bounds else []
         for pattern in pruning.unmatched_patterns(list(bounds), prunable):
             found.error(("stages", i, "allocation", "bounds", pattern), f"`{pattern}` matches no pruned layer of the "
-                        "model", "pruned: " + ", ".join(prunable))
+                        "model", closest_names(pattern, _layers_and_weights(prunable), "pruned"))
         _check_keep(i, stage, model, found)
     for path, spec, targets_field in specs:
         prunable = pruning.prunable_names(model, spec.params)
@@ -234,12 +235,40 @@ def _check_patterns(recipe, model: nn.Module, found) -> None:
             unmatched = pruning.unmatched_patterns(list(targets), prunable)
             for pattern in unmatched:
                 found.error(path + (targets_field, pattern), f"`{pattern}` matches no prunable layer of the model",
-                            "prunable: " + ", ".join(prunable))
+                            closest_names(pattern, _layers_and_weights(prunable), "prunable"))
             if unmatched:
                 continue
             _check_shadowed(path + (targets_field,), targets, prunable,
                             lambda pattern, name: not pruning.unmatched_patterns([pattern], [name]), False, found)
         _check_kept(path, spec, targets_field, model, prunable, found)
+
+
+def _layers_and_weights(weights: list[str]) -> list[str]:
+    """`fc1`, `fc1.weight`, ...: a layer pattern may name a weight or its layer (runner.pruning.unmatched_patterns)."""
+    return [name for weight in weights for name in (weight.rpartition(".")[0], weight)]
+
+
+def _check_skip(recipe, model: nn.Module, found) -> None:
+    """int8's `skip` names layers the method quantizes: a misspelt one would quantize the layer meant to stay float
+    (the stage refuses it, but only once every stage before it has run)."""
+    stages = [(i, stage) for i, stage in enumerate(recipe.stages) if getattr(stage, "skip", None)]
+    if not stages:
+        return
+    from runner.compress.int8 import quantizable_layers
+
+    modules = dict(model.named_modules())
+    for i, stage in stages:
+        layers = quantizable_layers(model, stage.method)
+        for k, name in enumerate(stage.skip):
+            if name in layers:
+                continue
+            if name in modules and name:
+                found.error(("stages", i, "skip", k), f"`{name}` is a {type(modules[name]).__name__}, which "
+                            f"{stage.method} does not quantize: it stays in float without `skip`",
+                            f"{stage.method} quantizes: " + ", ".join(layers))
+            else:
+                found.error(("stages", i, "skip", k), f"`{name}` is no layer of the model that {stage.method} "
+                            "quantizes", closest_names(name, layers, "layers"))
 
 
 def _check_keep(i: int, stage, model: nn.Module, found) -> None:
@@ -421,6 +450,5 @@ def check_expect_layers(recipe, model: nn.Module, found) -> None:
         stage, _, rest = metric.partition(".")
         group, _, layer = rest.partition(".")
         if stage in stages and group in per_layer and layer and layer not in layers:
-            guess = did_you_mean(layer, sorted(layers))
             found.error(("expect", "metrics", metric), f"the model has no layer `{layer}`",
-                        (guess + " " if guess else "") + "layers: " + ", ".join(sorted(layers)[:20]))
+                        closest_names(layer, sorted(layers), "layers"))

@@ -14,6 +14,7 @@ from runner.lightning.qat import FreezeQuantization
 from runner.measure import accuracy, dense_fp32_bytes, named_tensors, named_weights, serialized_bytes
 from runner.modelio import write_packed
 from runner.recipe.stages import DynamicInt8, QatInt8, StaticInt8, WeightSharing
+from runner.registry import closest_names
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
@@ -24,8 +25,8 @@ def _checked_skip(spec: DynamicInt8 | StaticInt8, model) -> tuple[str, ...]:
     layers = int8.quantizable_layers(model, spec.method)
     unknown = [name for name in spec.skip if name not in layers]
     if unknown:
-        raise StageError(spec.name, f"skip: `{unknown[0]}` is no layer that {spec.method} quantizes",
-                         "layers: " + ", ".join(layers))
+        raise StageError(spec.name, f"skip: `{unknown[0]}` is no layer of the model that {spec.method} quantizes",
+                         closest_names(unknown[0], layers, "layers"))
     return tuple(spec.skip)
 
 
