@@ -222,7 +222,12 @@ def _saved_mlp(folder, name: str, **args) -> str:
     ("no weights", "stages[2].distillation.teacher: a teacher model needs `weights:`"),
     ("missing file", "stages[2].distillation.teacher.weights: no such file or folder"),
     ("other sizes", "stages[2].distillation.teacher.weights: the weights do not fit the model: shape mismatch"),
-    ("other classes", "stages[2].distillation.teacher.weights: the model outputs 3 classes, the data has 10"),
+    ("other classes", "stages[2].distillation.teacher.weights: the teacher outputs 3 classes; the student and the data "
+                      "have 10 hint: its weights end in 3 outputs: give `weights:` of a teacher trained on these 10 "
+                      "classes (with `args.num_classes: 10`)"),
+    ("other classes, strict: false", "stages[2].distillation.teacher.args.num_classes: the teacher outputs 3 classes; "
+                                     "the student and the data have 10 hint: set `args.num_classes: 10`, with "
+                                     "`weights:` that fill that output layer"),
     ("other input", "stages[2].distillation.teacher: the teacher's forward pass fails on a batch of the data's examples"),
 ])
 def test_a_missing_or_incompatible_teacher_model_is_a_located_validate_error(nnopt, write_recipe, tmp_path, case,
@@ -239,6 +244,9 @@ def test_a_missing_or_incompatible_teacher_model_is_a_located_validate_error(nno
     elif case == "other classes":
         teacher = {"name": "mlp", "args": {**architecture, "num_classes": 3},
                    "weights": _saved_mlp(tmp_path, "three.pt", **architecture, num_classes=3)}
+    elif case == "other classes, strict: false":  # a 10-class teacher's weights, but a 3-output head built
+        teacher = {"name": "mlp", "args": {**architecture, "num_classes": 3}, "strict": False,
+                   "weights": teacher["weights"]}
     else:
         teacher = {"name": "mlp", "args": {"hidden": [32], "in_features": 20},
                    "weights": _saved_mlp(tmp_path, "narrow.pt", hidden=[32], in_features=20)}

@@ -50,6 +50,8 @@ def class_count_problem(spec, outputs: int, num_classes: int) -> tuple[tuple, st
     decide it (with `strict: false` a head the weights do not fit is built from them)."""
     if outputs == num_classes:
         return None
+    if spec.teaches:
+        return _teacher_class_count_problem(spec, outputs, num_classes)
     message = f"the model outputs {outputs} classes, the data has {num_classes}"
     if spec.weights is not None and spec.strict:
         return (("weights",), message + " (with these weights)",
@@ -59,6 +61,21 @@ def class_count_problem(spec, outputs: int, num_classes: int) -> tuple[tuple, st
     field = ("args", "num_classes") if "num_classes" in spec.args else spec_field(spec)
     return (field, message, f"set `model.args.num_classes: {num_classes}` (or the argument the model takes for its "
             "number of outputs)")
+
+
+def _teacher_class_count_problem(spec, outputs: int, num_classes: int) -> tuple[tuple, str, str]:
+    """A distillation teacher's logits meet the student's class by class, and its output layer must be trained: so
+    the fix is a teacher trained on the data's classes, never a new head (`strict: false` would leave it random)."""
+    message = f"the teacher outputs {outputs} classes; the student and the data have {num_classes}"
+    architecture = (f"`args.num_classes: {num_classes}`" if "num_classes" in spec.args
+                    else f"`args` that build {num_classes} outputs")
+    if spec.strict:
+        return (("weights",), message, f"its weights end in {outputs} outputs: give `weights:` of a teacher trained "
+                f"on these {num_classes} classes (with {architecture}); distillation compares the teacher's and the "
+                "student's logits class by class")
+    field = ("args", "num_classes") if "num_classes" in spec.args else spec_field(spec)
+    return (field, message, f"set {architecture}, with `weights:` that fill that output layer: with `strict: false` "
+            "an output layer the weights do not fit is left random, and a random teacher teaches noise")
 
 
 def layout_problem(path: Path) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, PrivateAttr, model_validator
 
@@ -38,6 +38,7 @@ class ModelSpec(FromRecipeFile):
     the trained `weights` the run starts from."""
 
     _where: tuple = PrivateAttr(default=("model",))  # its place in the recipe, for errors found at run time
+    teaches: ClassVar[bool] = False  # a distillation teacher (TeacherModel): its class-count errors say so
 
     name: str | None = None  # a model of nnopt's registry (`nnopt list`)
     import_: Annotated[str | None, Field(alias="import", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = None
@@ -76,6 +77,8 @@ class ModelSpec(FromRecipeFile):
 
 class TeacherModel(ModelSpec):
     """A distillation teacher given as a model: its architecture and the trained `weights` it runs with."""
+
+    teaches: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _trained(self):
