@@ -8,6 +8,7 @@ from runner import pruning, sensitivity
 from runner.allocation import AllocationError, allocate_pruned, pruned_for
 from runner.errors import StageError
 from runner.measure import parameter_stats
+from runner.registry import closest_names
 from runner.slimming import prune_neurons  # also registers the `slim` transform that artifacts replay
 from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
@@ -39,7 +40,7 @@ def _allocate(spec, model, names: list[str], ctx: StageContext) -> tuple[dict[st
     unmatched = pruning.unmatched_patterns(list(settings.bounds), names)
     if unmatched:
         raise StageError(spec.name, f"allocation.bounds: `{unmatched[0]}` matches no pruned layer",
-                         "pruned: " + ", ".join(names))
+                         closest_names(unmatched[0], names, "pruned"))
     bounds = pruning.layer_targets(names, dict(settings.bounds)) if settings.bounds else {}
     total = sum(scan["layers"][name]["size"] for name in names)
     try:
