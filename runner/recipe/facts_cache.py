@@ -53,7 +53,9 @@ def environment() -> dict:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
                 code[os.path.relpath(path, RUNNER)] = _stat(path)
-    installed = sorted({entry for place in sys.path if os.path.isdir(place)
+    # sys.path[0] is the script's folder or the working directory, not where distributions are installed: skipped,
+    # so that `nnopt validate` and `python -m runner validate` share their entries
+    installed = sorted({entry for place in sys.path[1:] if os.path.isdir(place)
                         for entry in os.listdir(place) if entry.endswith((".dist-info", ".egg-info", ".egg-link"))})
     return {"python": sys.version, "runner": hashlib.sha256(json.dumps(code).encode()).hexdigest(),
             "installed": hashlib.sha256("\n".join(installed).encode()).hexdigest()}
