@@ -41,6 +41,6 @@ def mlp(
 
 
 @MODELS.register("lenet_300_100")
-def lenet_300_100(in_features: int = 784, num_classes: int = 10) -> nn.Module:
-    """784-300-100-10 with ReLU: 266,610 parameters (Han et al. 2015's 267K)."""
-    return mlp(hidden=[300, 100], in_features=in_features, num_classes=num_classes)
+def lenet_300_100(in_features: int = 784, num_classes: int = 10, dropout: float | list[float] = 0.0) -> nn.Module:
+    """784-300-100-10 with ReLU: 266,610 parameters (Han et al. 2015's 267K); dropout after each hidden layer if asked."""
+    return mlp(hidden=[300, 100], in_features=in_features, num_classes=num_classes, dropout=dropout)
