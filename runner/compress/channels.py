@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
 from runner.transforms import TRANSFORMS, record
 
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # layers whose output channels are ranked and removed
-_WRITES = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
-_READS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+# Torch-Pruning (with the timm and torchvision it imports: seconds of start-up) is imported when channels are traced,
+# not when this module registers its transform: every run imports it through runner.modelio.
+@functools.cache
+def _handlers() -> tuple[tuple, tuple]:
+    """Torch-Pruning's handlers that write a layer's output channels, and those that read its input channels."""
+    import torch_pruning as tp
+
+    return ((tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels),
+            (tp.prune_conv_in_channels, tp.prune_linear_in_channels))
 
 
 class Unsupported(ValueError):
@@ -44,6 +57,8 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
     """Trace `model` on one example; Torch-Pruning switches to eval mode to trace, the mode is restored."""
     if any(parametrize.is_parametrized(module) for module in model.modules()):
         raise Unsupported("it carries pruning masks; remove channels before pruning weights")
+    import torch_pruning as tp
+
     training = model.training
     try:
         # Torch-Pruning follows autograd's graph, so it needs gradients even where the caller turned them off.
@@ -59,17 +74,17 @@ def groups(model: nn.Module, graph: tp.DependencyGraph) -> list[Group]:
     """The prunable groups, in module order of their roots; channels no layer reads (the logits) are left out."""
     names = {module: name for name, module in model.named_modules()}
     order = {name: index for index, name in enumerate(names.values())}
-    found = []
+    found, (writes, reads_handlers) = [], _handlers()
     for group in graph.get_all_groups(root_module_types=LAYERS):
         width = len(group[0].idxs)
         writers, reads = [], False
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
-            if handler in _READS:
+            if handler in reads_handlers:
                 reads = True
                 if getattr(module, "groups", 1) > 1:
                     raise Unsupported(f"`{names[module]}` is a grouped convolution reading removable channels")
-            elif handler in _WRITES and isinstance(module, LAYERS):
+            elif handler in writes and isinstance(module, LAYERS):
                 if list(item.idxs) != list(range(width)) or list(item.root_idxs) != list(range(width)):
                     raise Unsupported(f"the channels of `{names[module]}` are split or concatenated on their way; "
                                       "only one-to-one channel couplings (residual additions) are followed")
@@ -103,7 +118,7 @@ def zeroed_reads(model: nn.Module, graph: tp.DependencyGraph, removed: dict[str,
     masked = copy.deepcopy(model)
     for root, indices in removed.items():
         for item in _removal(model, graph, root, indices):
-            if item.dep.handler in _READS:
+            if item.dep.handler in _handlers()[1]:
                 masked.get_submodule(names[item.dep.target.module]).weight[:, list(item.idxs)] = 0
     return masked
 
