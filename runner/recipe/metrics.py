@@ -55,6 +55,12 @@ FIT = (
                              "stayed in eval mode and frozen"),
 )
 
+DROPOUT = (
+    Metric("dropout.*", "with `dropout: {adjust: ...}`, per dropout module: its ratio `before` and `after` the "
+                        "adjustment (the one its fit trained with), the `layer` it feeds and that layer's `kept` "
+                        "fraction of weights"),
+)
+
 PARAMETERS = (
     Metric("params_total", "parameters of the model"),
     Metric("params_nonzero", "parameters that are not zero"),
@@ -126,7 +132,8 @@ ALLOCATION = (
 )
 
 ITERATIVE = (
-    Metric("rounds.*", "per round: sparsity, per-layer sparsity and the retrain's fit metrics"),
+    Metric("rounds.*", "per round: sparsity, per-layer sparsity, the retrain's fit metrics and, with "
+                       "`retrain.dropout`, its adjusted dropout ratios (as finetune's `dropout`)"),
     Metric("dense.*", "the dense round 0's fit metrics (with rewind or reinit)"),
     Metric("rewind_step", "with rewind: the dense round's optimizer step whose weights (rewind_point.pt) every "
                           "round restarts from (0: the stage's input weights)", "steps"),

@@ -16,6 +16,7 @@ from runner.recipe.training import (
     Constant,
     CrossEntropy,
     Distillation,
+    DropoutAdjustment,
     EarlyStopping,
     GradualPruning,
     Moment,
@@ -72,12 +73,18 @@ class TrainStage(Training):
     kind: Literal["train"]
 
 
-class FinetuneStage(Training):
+class Retraining(Training):
+    """Training of a model that pruning thinned: the same settings, and its dropout ratios may follow the pruning."""
+
+    dropout: DropoutAdjustment | None = None  # {adjust: sqrt_kept}: Han et al. 2015 §3.2's ratios for this fit
+
+
+class FinetuneStage(Retraining):
     """Train on from the previous stage's weights keeping its pruning masks: pruned weights stay exactly 0."""
 
     name: StageName
     kind: Literal["finetune"]
-    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.PARAMETERS
+    stage_metrics: ClassVar[tuple[declared.Metric, ...]] = declared.FIT + declared.PARAMETERS + declared.DROPOUT
 
 
 Level = Annotated[float, Field(gt=0, lt=1)]
@@ -212,7 +219,7 @@ class IterativePruneStage(Spec):
     method: Literal["magnitude", "random"] = "magnitude"
     scope: Literal["layer", "global"] = "layer"
     params: Annotated[list[str], Field(min_length=1)] | None = None  # default: Linear and Conv weights
-    retrain: Training
+    retrain: Retraining
     rewind_lr: bool = True  # each round restarts retrain's schedule; false: continue at the last round's final lr
     rewind: Literal["init"] | Moment | None = None  # θ0, or θk at a point of the dense round 0
     reinit: bool = False  # survivors get a fresh random initialization instead (the control)

@@ -220,6 +220,20 @@ class Distillation(Spec):
     alpha: Fraction = 0.9  # weight of the distillation term; 1 - alpha weighs the labels' loss
 
 
+class DropoutAdjustment(Spec):
+    """Han et al. 2015 §3.2: a pruned network retrains with less dropout, since pruning already cut its capacity.
+    `sqrt_kept`: each dropout module's ratio becomes D_o * sqrt(C_r / C_o), C_r / C_o the kept fraction of the weights
+    of the one Linear or Conv layer its output feeds (found in the model's torch.fx graph, through activations,
+    pooling, normalization and reshapes), measured on the model as the fit receives it (each round's, in
+    iterative_prune); D_o is the ratio the model has then. The adjusted ratios hold for this fit only: the model
+    handed on keeps its original ratios, as one rebuilt from the recipe would (a ratio is not stored with the
+    weights), and a later stage that sets this computes its own. The stage's metrics give each dropout's ratio
+    before and after, the layer and its kept fraction (`dropout`; per round in iterative_prune). A model without
+    dropout modules, or with one that feeds no single such layer, is a validate error."""
+
+    adjust: Literal["sqrt_kept"]  # D_r = D_o * sqrt(kept), the paper's rule
+
+
 class Regularization(Spec):
     """An explicit penalty added to the loss: l1 * sum|w| + l2 * sum(w^2) over matching parameters.
 
