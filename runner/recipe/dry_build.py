@@ -1,6 +1,6 @@
 """The model built without its weights at `validate` (on the CPU; on torch's meta device when large): does it take the
 data's input, give one output per class, have the layers the recipe names, leave every pruned layer some weights,
-and fit its quantizer."""
+and fit its quantizer and dropout adjustment."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def check_model_fits(recipe, facts, found, build_user_code: bool) -> None:
     _check_codebooks(recipe, model, found)
     _check_bytes_budget(recipe, model, found)
     _check_structure(recipe, model, facts, found)
+    _check_dropout(recipe, model, found)
     check_expect_layers(recipe, model, found)
     if facts is not None and facts.shape is not None and parameters <= REAL_BUILD_MAX_PARAMETERS:
         _check_int8(recipe, facts, found)
@@ -414,6 +415,22 @@ def _check_neuron_targets(i: int, stage, model: nn.Module, found) -> None:
             found.error(("stages", i, "sparsity"), f"sparsity {target:g} would remove every neuron of "
                         f"`{name.rpartition('.')[0]}` ({removed} of {widths[name]})", "lower its target")
             return
+
+
+def _check_dropout(recipe, model: nn.Module, found) -> None:
+    """`dropout: {adjust: ...}` scales each dropout module by the layer it feeds: the model must have dropout modules,
+    torch.fx must trace it, and each must feed one Linear or Conv layer (never a silent no-op)."""
+    blocks = [(path, block) for i, stage in enumerate(recipe.stages)
+              for path, block in ((("stages", i), stage), (("stages", i, "retrain"), getattr(stage, "retrain", None)))
+              if getattr(block, "dropout", None) is not None]
+    if not blocks:
+        return
+    from runner.dropout import HINT, feeding_layers
+
+    _, problems = feeding_layers(model)
+    for path, _ in blocks:
+        for problem in problems:
+            found.error(path + ("dropout",), f"the dropout adjustment cannot apply: {problem}", HINT)
 
 
 def _check_int8(recipe, facts, found) -> None:
