@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runner import pruning
+from runner.dropout import adjusted_dropout
 from runner.errors import StageError
 from runner.lightning.fit import fit
 from runner.lightning.module import ClassifierModule
@@ -17,7 +18,9 @@ def run(spec, model, ctx: StageContext) -> StageResult:
     # the check below proves it rather than trusting it.
     masks_before = {name: pruning.current_mask(model, name) for name in pruning.masked_names(model)}
     module = ClassifierModule(model, spec, ctx.data().num_classes)
-    metrics = fit(spec, module, ctx)
+    with adjusted_dropout(spec.name, model, spec.dropout) as adjusted:
+        metrics = fit(spec, module, ctx)
+    metrics.update(adjusted)
     revived = pruning.revived(module.model, masks_before)
     if revived:
         raise StageError(spec.name, "pruned weights came back during fine-tuning: " + ", ".join(revived),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from runner import pruning
+from runner.dropout import adjusted_dropout
 from runner.errors import StageError
 from runner.files import write_atomic
 from runner.lightning.fit import fit
@@ -18,7 +19,7 @@ from runner.stages import STAGES
 from runner.stages.base import StageContext, StageResult
 
 REWIND_POINT = "rewind_point.pt"  # with `rewind`: the weights every round restarts from
-_KEPT = ("train_loss", "val_loss", "val_acc", "steps", "final_lr", "fit_seconds", "distillation")
+_KEPT = ("train_loss", "val_loss", "val_acc", "steps", "final_lr", "fit_seconds", "distillation", "dropout")
 
 
 def _next_targets(model, fractions: dict[str, float], scope: str) -> dict[str, float]:
@@ -50,7 +51,9 @@ def _round_spec(spec, last_lr: float | None):
 
 def _train(retrain, model, ctx: StageContext, part: str, callbacks: list | None = None) -> tuple:
     module = ClassifierModule(model, retrain, ctx.data().num_classes)
-    metrics = fit(retrain, module, ctx.part(part), callbacks)
+    with adjusted_dropout(ctx.name, model, retrain.dropout) as adjusted:  # each round's from its own pruned model
+        metrics = fit(retrain, module, ctx.part(part), callbacks)
+    metrics.update(adjusted)
     return module.model, {key: metrics[key] for key in _KEPT if key in metrics}
 
 
