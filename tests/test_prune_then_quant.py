@@ -15,7 +15,7 @@ from tests.conftest import read_metrics, synthetic_recipe
 
 @pytest.mark.slow
 def test_prune_then_quant_recipe_keeps_zeros_and_packs_20x(nnopt, tmp_path):
-    # Shorter training than the recipe's 10 + 8 epochs; the full run's figures are in README.
+    # Shorter training than the recipe's 10 + 12 epochs; the full run's figures are in README.
     code, _, err = nnopt("run", Path("recipes/prune_then_quant.yaml"), "-O", tmp_path,
                          "-o", "stages.train.epochs=3", "-o", "stages.finetune.epochs=2")
     assert code == 0, err
