@@ -10,14 +10,15 @@ from runner.models import MODELS
 
 
 @MODELS.register("lenet5")
-def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, dropout: float = 0.0) -> nn.Module:
     """conv20-5x5, maxpool, conv50-5x5, maxpool, fc500 + ReLU, fc10: 431,080 parameters on MNIST.
 
     Caffe's prototxt has no nonlinearity after the convolutions; we keep it that way so the
-    parameter counts and the pruning figures match the papers.
+    parameter counts and the pruning figures match the papers. `dropout` > 0 puts a dropout
+    module between fc1's ReLU and fc2 (Caffe's net has none).
     """
     side = ((image_size - 4) // 2 - 4) // 2
-    return nn.Sequential(OrderedDict([
+    layers = [
         ("conv1", nn.Conv2d(in_channels, 20, 5)),
         ("pool1", nn.MaxPool2d(2)),
         ("conv2", nn.Conv2d(20, 50, 5)),
@@ -25,5 +26,8 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) ->
         ("flatten", nn.Flatten()),
         ("fc1", nn.Linear(50 * side * side, 500)),
         ("act1", nn.ReLU()),
-        ("fc2", nn.Linear(500, num_classes)),
-    ]))
+    ]
+    if dropout > 0:
+        layers.append(("drop1", nn.Dropout(dropout)))
+    layers.append(("fc2", nn.Linear(500, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
