@@ -162,6 +162,11 @@ def check_run(run: Run, planned: Planned, root: Path) -> None:
         raise FigureError(f"the run is of seed {ran['seed']}, the row's command of seed {expected['seed']}")
     if without_seeds(expected) != without_seeds(ran):
         where, now, then = first_difference(without_seeds(expected), without_seeds(ran))
+        # A schema change since the run: its stages' fingerprints differ from the command's, so nothing is reused
+        if then == "<absent>":
+            raise FigureError(f"an older nnopt's run: `{where}` (now {now!r}) did not exist when it ran; rerun it")
+        if now == "<absent>":
+            raise FigureError(f"an older nnopt's run: it has `{where}` ({then!r}), which nnopt no longer has; rerun it")
         raise FigureError(f"at {where} the row's command gives {now!r}, the run had {then!r}")
 
 
@@ -189,7 +194,7 @@ def row_cells(planned: Planned, root: Path, outputs: Path) -> tuple[list[str], s
         run = Run.read(planned.folder)
         check_run(run, planned, root)
     except FigureError as error:
-        return (_unmeasured_cells(planned, f"not measured (the run at {shown} is not this command's)", root, outputs),
+        return (_unmeasured_cells(planned, f"not measured (the run at {shown} does not match this command)", root, outputs),
                 f"the run at {shown} is not this row's: {error}")
     try:
         if planned.table == "measured":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import statistics
 from pathlib import Path
 
@@ -117,22 +118,31 @@ def test_a_row_without_its_run_reads_not_measured_and_fails_the_check(project, c
 
 def test_a_run_of_another_command_gives_no_figure(project, capsys):
     (project / "recipes" / "copy.yaml").write_text((project / "recipes" / "tiny.yaml").read_text())
+    older = project / "outputs" / "tiny_older"  # the run as an nnopt without `trainer.progress_bar` recorded it
+    if not older.exists():
+        shutil.copytree(project / "outputs" / "tiny", older, symlinks=True)
+        record = json.loads((older / "run.json").read_text())
+        record["recipe"]["name"] = "tiny_older"
+        del record["recipe"]["trainer"]["progress_bar"]
+        (older / "run.json").write_text(json.dumps(record))
     manifest = {"reproductions": [
         {"recipe": "recipes/tiny.yaml", "overrides": ["stages.train.optimizer.lr=0.2"]},  # outputs/tiny ran 0.05
         {"recipe": "recipes/tiny.yaml", "seeds": [0, 1]},  # outputs/tiny is one seed's run
         {"recipe": "recipes/copy.yaml"},  # the same recipe, another file
         {"recipe": "recipes/tiny.yaml", "overrides": ["name=tiny_fast"], "seeds": [0, 1]},  # its lr was overridden
+        {"recipe": "recipes/tiny.yaml", "overrides": ["name=tiny_older"]},
     ], "measured": [{"recipe": "recipes/tiny.yaml", "metrics": ["evaluate.test_los"]}]}  # the run's, a wrong name
     args = write(project, manifest)
     assert readme(args) == 0
     rows = table_rows((project / "README.md").read_text(), "reproductions")
-    assert [row[2] for row in rows] == [f"not measured (the run at outputs/{name} is not this command's)"
-                                        for name in ("tiny", "tiny", "tiny", "tiny_fast")]
+    assert [row[2] for row in rows] == [f"not measured (the run at outputs/{name} does not match this command)"
+                                        for name in ("tiny", "tiny", "tiny", "tiny_fast", "tiny_older")]
     err = capsys.readouterr().err
     assert "at stages[0].optimizer.lr the row's command gives 0.2, the run had 0.05" in err
     assert "the run is of seeds [0], the row's command of [0, 1]" in err
     assert f"it was made from {project / 'recipes' / 'tiny.yaml'}, not recipes/copy.yaml" in err
     assert "at stages[0].optimizer.lr the row's command gives 0.05, the run had 0.1" in err
+    assert "an older nnopt's run: `trainer.progress_bar` (now False) did not exist when it ran; rerun it" in err
     [measured] = table_rows((project / "README.md").read_text(), "measured")
     assert measured[1:3] == ["not measured (the run at outputs/tiny lacks this row's figures)", "-"]
     assert "measured no number named `evaluate.test_los`; did you mean `evaluate.test_loss`" in err
