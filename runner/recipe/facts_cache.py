@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -111,9 +112,13 @@ def registered(package: str) -> list:
 
 def model_key(spec) -> dict:
     """What a model spec's checks read besides the weights: the spec, where it resolves paths and imports from,
-    the user code behind `import:`, and names registered from outside nnopt."""
+    the user code behind `import:`, whether the model library it names is installed, and names registered from
+    outside nnopt."""
+    libraries = {name: importlib.util.find_spec(name) is not None for name in ("torchvision", "timm")
+                 if getattr(spec, name, None) is not None}
     return {"spec": spec.model_dump(mode="json", by_alias=True), "recipe_dir": str(spec.recipe_dir),
-            "code": code_state(spec.import_, spec.recipe_dir), "registered": registered("runner.models")}
+            "code": code_state(spec.import_, spec.recipe_dir), "libraries": libraries,
+            "registered": registered("runner.models")}
 
 
 def remember(kind: str, key: dict, compute: Callable[[], Any]) -> Any:
