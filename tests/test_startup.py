@@ -55,8 +55,7 @@ print(json.dumps({"exit": code, "out": out.getvalue(), "torch": "torch" in sys.m
 """
 
 
-@pytest.mark.parametrize("recipe", ["recipes/han2015_lenet300.yaml", "recipes/prune_then_quant.yaml"])
-def test_validate_imports_no_torch_once_it_knows_the_recipe(recipe):
+def test_validate_imports_no_torch_once_it_knows_the_recipe(recipe="recipes/prune_then_quant.yaml"):
     """The first validate imports torch (dry build, data facts) and caches what it learned
     (runner.recipe.facts_cache); the next one of the same recipe answers the same without importing it."""
     runs = []
