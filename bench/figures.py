@@ -32,6 +32,7 @@ folder that fails the check, or has no finished run, gives no row: exit 1."""
 PERCENT_SUFFIXES = ("error", "acc", "acc_drop", "kept", "sparsity")  # fractions shown as percentages
 # How a figure is written: `auto` by its name (fractions of a *_error, *_acc... metric as percentages), or as told
 FORMATS = ("auto", "percent", "count", "number", "ratio", "ms", "seconds")
+UNITS = {"number": "", "ratio": "x", "ms": " ms", "seconds": " s"}
 
 
 RUN_RECORD = ("recipe", "seed", "versions", "threads", "finished", "stages")  # what a row reads of run.json
@@ -191,7 +192,7 @@ def _number(name: str, value: float, how: str = "auto") -> str:
         return f"{100 * value:.2f}%"
     if how == "count":
         return f"{round(value):,}"
-    return f"{value:.4g}" + {"number": "", "ratio": "x", "ms": " ms", "seconds": " s"}[how]
+    return f"{value:.4g}" + UNITS[how]
 
 
 def figure(name: str, values: list, how: str = "auto") -> str:
@@ -202,10 +203,10 @@ def figure(name: str, values: list, how: str = "auto") -> str:
     mean, std = statistics.fmean(values), statistics.stdev(values)
     if how == "count" or (how == "auto" and all(isinstance(value, int) for value in values)):
         shown = [f"{mean:,.1f}", f"{std:,.1f}"]  # a mean of counts is no count
+    elif (text := _number(name, float(mean), how)).endswith("%"):
+        shown = [text, f"{100 * std:.2f} points"]
     else:
-        shown = [_number(name, float(value), how) for value in (mean, std)]
-    if shown[0].endswith("%"):
-        shown[1] = shown[1].rstrip("%") + " points"
+        shown = [text, f"{std:.2g}{UNITS.get(how, '')}"]  # two digits of spread are all it holds
     return f"{shown[0]} ± {shown[1]} ({', '.join(each)})"
 
 
