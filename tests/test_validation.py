@@ -112,6 +112,25 @@ def test_overrides_apply_before_validation(write_recipe, nnopt):
     assert code == 0 and "ok" in out
 
 
+def test_an_override_into_a_block_left_at_its_default_starts_from_the_default(write_recipe, nnopt):
+    """`loss` is left out (cross-entropy, a discriminated union's default): setting one field inside it keeps the
+    default's variant, in a train stage as in a QAT quantize stage (a union inside the stage union); a misspelt
+    field there is still located, with the override and a did-you-mean."""
+    from runner.recipe import load_recipe
+    from runner.recipe.training import CrossEntropy
+
+    recipe = synthetic_recipe()
+    recipe["stages"].insert(1, {"name": "qat", "kind": "quantize", "method": "qat", "epochs": 1,
+                                "optimizer": {"name": "sgd", "lr": 0.01}})
+    path = write_recipe(recipe)
+    loaded = load_recipe(path, ["stages.train.loss.label_smoothing=0.1", "stages.qat.loss.label_smoothing=0.2"])
+    assert loaded.stages[0].loss == CrossEntropy(name="cross_entropy", label_smoothing=0.1)
+    assert loaded.stages[1].loss == CrossEntropy(name="cross_entropy", label_smoothing=0.2)
+    code, _, err = nnopt("validate", path, "-o", "stages.qat.loss.label_smoting=0.1")
+    assert_clean_error(code, err, f"{path}:", "stages[1].loss.label_smoting: unknown field `label_smoting`",
+                       "set by override `stages.qat.loss.label_smoting=0.1`", "did you mean `label_smoothing`?")
+
+
 def test_cli_process_prints_no_traceback(write_recipe):
     """The real console script path: a separate process, as a user runs it."""
     done = subprocess.run([sys.executable, "-m", "runner", "validate", str(write_recipe(BAD_RECIPE))],
