@@ -18,6 +18,7 @@ class StageOutcome:
     fingerprint: str
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, Any] | None = None  # a reused artifact finished in another recipe's store: where (runner.store.ORIGIN)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,7 +25,7 @@ from runner.plan import PlannedStage, make_plan
 from runner.provenance import INPUTS
 from runner.report import summary_table, write_reports
 from runner.stages import STAGES, StageContext, StageResult
-from runner.store import Store, keep_setting, store_of
+from runner.store import Store, keep_setting, origin, store_of
 from runner.verdicts import verdict_table
 
 
@@ -150,7 +150,8 @@ def execute(recipe, plan: list[PlannedStage], console: Console, ranks: Ranks, st
             finished = ranks.is_zero and (step.action == "reuse" or artifacts.is_done(step.folder, step.fingerprint))
             outcomes.append(StageOutcome(spec.name, spec.kind, "reused" if step.action == "reuse" else "skipped",
                                          str(step.folder), step.fingerprint,
-                                         metrics=read_json(step.folder / artifacts.METRICS) if finished else {}))
+                                         metrics=read_json(step.folder / artifacts.METRICS) if finished else {},
+                                         origin=origin(step.artifact) if ranks.is_zero and step.reuse else None))
             continue
         model = models.for_stage(spec.name)
         console.print(f"[bold]run[/] {spec.name} ({spec.kind})")

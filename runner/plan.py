@@ -112,13 +112,16 @@ def _why_not_reused(folder: Path, building: Path, fingerprint: str, inputs: dict
     return "unfinished artifact: redone"
 
 
-def _reused(folder: Path, artifact: Path, store: Store) -> str:
+def _reused(folder: Path, artifact: Path, store: Store, brought_from: str | None = None) -> str:
+    if brought_from is not None:
+        return f"finished in {brought_from}"
     return "finished artifact matches" + ("" if store.shown(folder) == artifact else " (kept in the store)")
 
 
 def make_plan(recipe, run_dir: Path, store: Store, *, force: bool = False, start: str | None = None,
               only: str | None = None) -> list[PlannedStage]:
-    """Reuse every leading stage whose config (fingerprint) has a finished artifact in the store; run the rest.
+    """Reuse every leading stage whose config (fingerprint) has a finished artifact in the store, or in a sibling
+    recipe's store under the same output folder (brought into this one: Store.bring); run the rest.
 
     Editing stage k changes the fingerprints of k and everything after it (each includes its
     upstream's), so k and later rerun and nothing before does. `force` reruns everything,
@@ -137,9 +140,22 @@ def make_plan(recipe, run_dir: Path, store: Store, *, force: bool = False, start
     for folder in folders:
         store.prepare(folder)
     finished = [store.finished(fp) for fp in prints]
-    done = [artifact is not None for artifact in finished]
+    brought_from: dict[int, str] = {}  # stage index -> the sibling recipe (and run) its artifact was brought from
+    looked: set[int] = set()
 
-    if only_index is not None and only_index > 0 and not done[only_index - 1]:
+    def done(index: int) -> bool:
+        """Whether the stage has a finished artifact here, bringing one from a sibling recipe's store if need be
+        (asked only of stages that would be reused: a stage that runs anyway is never brought)."""
+        if finished[index] is None and index not in looked:
+            looked.add(index)
+            brought = store.bring(prints[index])
+            if brought is not None:
+                finished[index] = brought[0]
+                if brought[1] is not None:
+                    brought_from[index] = brought[1]
+        return finished[index] is not None
+
+    if only_index is not None and only_index > 0 and not done(only_index - 1):
         upstream = names[only_index - 1]
         raise _flag_error("--only", f"stage `{only}` needs the finished artifact of `{upstream}`, and there is none "
                           f"matching the recipe in {folders[only_index - 1]}",
@@ -152,14 +168,15 @@ def make_plan(recipe, run_dir: Path, store: Store, *, force: bool = False, start
             if index == only_index:
                 action, reason = "run", "--only"
             else:
-                action = "reuse" if done[index] and index < only_index else "skip"
-                reason = _reused(folders[index], finished[index], store) if action == "reuse" else f"--only {only}"
+                action = "reuse" if index < only_index and done(index) else "skip"
+                reason = (_reused(folders[index], finished[index], store, brought_from.get(index)) if action == "reuse"
+                          else f"--only {only}")
         elif force:
             action, reason = "run", "--force"
         elif first_forced is not None and index >= first_forced:
             action, reason = "run", f"--from {start}"
-        elif all_reused and done[index]:
-            action, reason = "reuse", _reused(folders[index], finished[index], store)
+        elif all_reused and done(index):
+            action, reason = "reuse", _reused(folders[index], finished[index], store, brought_from.get(index))
         else:
             action = "run"
             reason = ("an earlier stage runs" if not all_reused

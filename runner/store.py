@@ -1,4 +1,4 @@
-"""The stage store: finished artifacts kept by fingerprint, each built apart and swapped in whole."""
+"""The stage store: finished artifacts kept by fingerprint, each built apart and swapped in whole, or brought from a sibling recipe's store."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ BUILDING = ".building"  # `<store>/.building/<fingerprint>/`: a stage being buil
 LOCKS = ".locks"  # `<store>/.locks/<fingerprint>`: held while that stage is built
 USERS = ".lock"  # held shared by every run using the store, exclusively by a prune
 OWNER = ".owner"  # `outputs/<name>/.owner`: the absolute path of the recipe file that writes there
+ORIGIN = "origin.json"  # in an artifact brought from another recipe's store: where it was finished (`Store.bring`)
 KEEP_VARIABLE = "NNOPT_STORE_KEEP"
 DEFAULT_KEEP = 3  # configs kept per stage name besides those a numbered folder shows
 _ENTRY = re.compile(r"^(?P<fingerprint>[0-9a-f]+)\.(?P<build>[0-9]+)$")  # `<fingerprint>.<build>`
@@ -85,6 +86,10 @@ class Store:
             with contextlib.suppress(RunError), self.building_lock(fingerprint):
                 if artifacts.is_done(building, fingerprint):
                     self._enter(building, fingerprint)
+        return self._newest_done(fingerprint)
+
+    def _newest_done(self, fingerprint: str) -> Path | None:
+        """The newest finished entry of this config, found by reading only."""
         complete = [path for path in self._builds(fingerprint) if artifacts.is_done(path, fingerprint)]
         return complete[-1] if complete else None
 
@@ -143,6 +148,58 @@ class Store:
         entry = self.root / f"{fingerprint}.{int(_ENTRY.match(builds[-1].name)['build']) + 1 if builds else 1}"
         os.rename(folder, entry)  # atomic: the entry appears whole or not at all
         return entry
+
+    # -- artifacts of sibling recipes ----------------------------------------------------------
+    def siblings(self) -> list[Store]:
+        """The stores of the other recipes under the same output folder (`<output>/*/.store`), by recipe name.
+        A recipe's seeds and sweep points share its one store, so these are all the artifacts built there."""
+        output = self.root.parent.parent
+        try:
+            recipes = sorted(output.iterdir())
+        except OSError:
+            return []
+        return [Store(recipe / STORE) for recipe in recipes
+                if recipe / STORE != self.root and not recipe.is_symlink()
+                and (recipe / STORE).is_dir() and not (recipe / STORE).is_symlink()]
+
+    def bring(self, fingerprint: str) -> tuple[Path, str | None] | None:
+        """This config's finished artifact from a sibling recipe's store, brought into this one: returns (the new
+        entry, where it was finished: `han2015_lenet5 (seed-0)`), or None when no sibling has one (or (this
+        store's entry, None) when another run of this recipe built or brought it since the plan looked).
+
+        The sibling is only read, under its shared lock (no prune of it removes the entry meanwhile), and only a
+        finished entry (`<fingerprint>.<build>/` with DONE) is taken, never a `.building/` one. Its files are hard
+        links where the file system allows (a finished artifact's files are never written again) and copies
+        otherwise, so deleting or pruning the sibling never breaks this store. The copy is assembled as a build
+        is, in this config's build folder under its build lock, DONE written last and renamed in whole: a kill
+        leaves an unfinished build that plans ignore. A config another run is building here is not brought."""
+        with contextlib.suppress(RunError), self.building_lock(fingerprint):
+            if (own := self._newest_done(fingerprint)) is not None:
+                return own, None
+            for sibling in self.siblings():
+                with _flock(sibling.root / USERS, exclusive=False, wait=True, create=False) as readable:
+                    source = sibling._newest_done(fingerprint) if readable else None
+                    files = _plain_files(source) if source is not None else None
+                    if files is None:
+                        continue
+                    folder = self.building(fingerprint)
+                    if folder.exists():  # an interrupted build of this config: the finished artifact supersedes it
+                        shutil.rmtree(folder)
+                    linked = _link_or_copy(source, folder, files)
+                    where = sibling.where_shown(source)
+                    write_json(folder / ORIGIN, {"recipe": sibling.root.parent.name, "shown_by": where,
+                                                 "artifact": os.path.relpath(source, sibling.root.parent.parent),
+                                                 "files": "linked" if linked else "copied"})
+                artifacts.mark_done(folder, fingerprint)
+                runs = [run for run in where if run != "."]
+                label = sibling.root.parent.name + (f" ({', '.join(runs)})" if runs else "" if where else
+                                                    " (kept in its store)")
+                return self._enter(folder, fingerprint), label
+        return None
+
+    def where_shown(self, entry: Path) -> list[str]:
+        """The run folders (relative to the recipe output folder: `.`, `seed-0`, `sweep/01_x`) showing `entry`."""
+        return sorted({os.path.relpath(numbered.parent, self.root.parent) for numbered in self._uses().get(entry, [])})
 
     def show(self, numbered: Path, entry: Path) -> None:
         """Make the numbered stage folder a relative link to `entry`, replacing what it showed in one rename."""
@@ -319,6 +376,44 @@ def claim(recipe_output: Path, recipe_file: Path, take_over: bool = False) -> No
     write_text(marker, mine + "\n")
 
 
+def origin(entry: Path) -> dict | None:
+    """Where a store entry brought from a sibling recipe's store was finished; None for one built in its own store."""
+    try:
+        return read_json(Path(entry) / ORIGIN)
+    except (OSError, ValueError):
+        return None
+
+
+def _plain_files(entry: Path) -> list[Path] | None:
+    """The files of a finished entry relative to it, DONE and ORIGIN left out (they are written anew);
+    None when it holds anything but real folders and files (a link could lead a copy outside the store)."""
+    files = []
+    for here, folders, names in os.walk(entry):
+        for name in folders + names:
+            path = Path(here) / name
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                return None
+            if not (Path(here) == entry and name in (artifacts.DONE, ORIGIN)):
+                files.append(path.relative_to(entry))
+    return files
+
+
+def _link_or_copy(source: Path, target: Path, files: list[Path]) -> bool:
+    """Recreate `files` of `source` (folders included) under `target`; True when every file is a hard link."""
+    linked = True
+    target.mkdir(parents=True)
+    for relative in files:
+        if (source / relative).is_dir():
+            (target / relative).mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            os.link(source / relative, target / relative, follow_symlinks=False)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(source / relative, target / relative)
+            linked = False
+    return linked
+
+
 def _marker(path: Path) -> str | None:
     """The fingerprint a DONE or checkpoint owner mark holds, if it is one."""
     try:
@@ -336,13 +431,21 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, *, exclusive: bool, wait: bool):
-    """Hold an advisory lock on `path`; yields False instead when it is taken and `wait` is False.
+def _flock(path: Path, *, exclusive: bool, wait: bool, create: bool = True):
+    """Hold an advisory lock on `path`; yields False instead when it is taken and `wait` is False, or when it
+    does not exist (or cannot be opened) and not `create` (a shared lock on another recipe's store, read only).
     The kernel releases it when the process dies, even by kill -9."""
     import fcntl  # POSIX only; nnopt's supported platforms are Linux and macOS
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+    except OSError:
+        if create or exclusive:
+            raise
+        yield False
+        return
     try:
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
         try:
