@@ -202,7 +202,10 @@ def figure(name: str, values: list, how: str = "auto") -> str:
         return each[0]
     mean, std = statistics.fmean(values), statistics.stdev(values)
     if how == "count" or (how == "auto" and all(isinstance(value, int) for value in values)):
-        shown = [f"{mean:,.1f}", f"{std:,.1f}"]  # a mean of counts is no count
+        # Counts (parameters, bytes) in whole units, as each seed's are: a tenth of a parameter says nothing.
+        # A spread under one unit keeps a decimal, so that 2 and 3 parameters over seeds do not read `2 ± 1`.
+        digits = 0 if std == 0 or std >= 1 else 1
+        shown = [f"{mean:,.{digits}f}", f"{std:,.{digits}f}"]
     elif (text := _number(name, float(mean), how)).endswith("%"):
         shown = [text, f"{100 * std:.2f} points"]
     else:

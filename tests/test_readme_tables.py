@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.figures import figure
 from bench.readme import main as readme
 from runner.cli import main as nnopt
 from tests.conftest import synthetic_recipe
@@ -61,7 +62,7 @@ def test_rows_hold_the_runs_figures_and_commands_and_nothing_else_changes(projec
         "reproductions": [
             {"recipe": "recipes/tiny.yaml", "label": "the tiny recipe"},
             {"recipe": "recipes/tiny.yaml", "overrides": ["name=tiny_fast", "stages.train.optimizer.lr=0.1"],
-             "seeds": [0, 1], "metrics": [{"metric": "train.val_acc", "label": "val"}]}],
+             "seeds": [0, 1], "metrics": [{"metric": "train.val_acc", "label": "val"}, "train.steps"]}],
         "measured": [{"recipe": "recipes/tiny.yaml",
                       "metrics": ["evaluate.test_loss", {"metric": "train.steps", "label": "steps", "as": "count"}]}],
     }
@@ -79,10 +80,12 @@ def test_rows_hold_the_runs_figures_and_commands_and_nothing_else_changes(projec
 
     fast = project / "outputs" / "tiny_fast"
     acc, val = seed_values(fast, "test_acc"), seed_values(fast, "train.val_acc")
+    steps = seed_values(fast, "train.steps")  # the same count in each seed: a whole mean, spread 0
     assert override[0] == "`tiny_fast`"
     assert override[2] == (f"test_acc {100 * statistics.fmean(acc):.2f}% ± {100 * statistics.stdev(acc):.2f} points "
                            f"({100 * acc[0]:.2f}%, {100 * acc[1]:.2f}%); val {100 * statistics.fmean(val):.2f}% ± "
-                           f"{100 * statistics.stdev(val):.2f} points ({100 * val[0]:.2f}%, {100 * val[1]:.2f}%)")
+                           f"{100 * statistics.stdev(val):.2f} points ({100 * val[0]:.2f}%, {100 * val[1]:.2f}%); "
+                           f"train.steps {steps[0]:,} ± 0 ({steps[0]:,}, {steps[1]:,})")
     assert override[4].startswith("seeds 0, 1; ") and " for 2 seeds" in override[4]
     assert shlex.split(override[5].strip("`")) == ["nnopt", "run", "recipes/tiny.yaml", "-o", "name=tiny_fast",
                                                    "-o", "stages.train.optimizer.lr=0.1", "--seeds", "0,1", "--check"]
@@ -114,6 +117,14 @@ def test_a_row_without_its_run_reads_not_measured_and_fails_the_check(project, c
     assert row == ["`never_run`", "a made-up paper: test_acc >= 0.5", "not measured (no run at outputs/never_run)",
                    "-", "-", "`nnopt run recipes/tiny.yaml -o name=never_run --check`"]
     assert readme(args + ["--check"]) == 1  # written, and still a row without a run
+
+
+def test_counts_over_seeds_read_in_whole_units():
+    """Parameters or bytes over seeds: a whole mean and spread, like each seed's value, not `20,853.0 ± 127.3`;
+    a spread under one unit keeps a decimal."""
+    assert figure("evaluate.params_nonzero", [20726, 20853, 20980]) == "20,853 ± 127 (20,726, 20,853, 20,980)"
+    assert figure("evaluate.size_bytes", [2, 3]) == "2.5 ± 0.7 (2, 3)"
+    assert figure("train.steps", [1.0, 2.0, 2.0], "count") == "1.7 ± 0.6 (1, 2, 2)"
 
 
 def test_a_run_of_another_command_gives_no_figure(project, capsys):
