@@ -179,7 +179,7 @@ def cmd_new(args) -> int:
 def cmd_store(args) -> int:
     from rich.table import Table
 
-    from runner.store import age, find_store, keep_setting, size_text
+    from runner.store import age, find_store, keep_setting, origin, size_text
 
     store = find_store(Path(args.folder))
     if store is None:
@@ -197,7 +197,8 @@ def cmd_store(args) -> int:
     for column in ("stage", "fingerprint", "build", "state", "size", "age", "shown by"):
         table.add_column(column, justify="right" if column in ("build", "size", "age") else "left")
     for e in entries:
-        state = e.state + (" (prune removes)" if e.folder in surplus else "")
+        brought = origin(e.folder)  # finished in a sibling recipe's store, brought here (runner.store.Store.bring)
+        state = e.state + (f", from {brought['recipe']}" if brought else "") + (" (prune removes)" if e.folder in surplus else "")
         shown = ", ".join(str(p.relative_to(store.root.parent)) for p in e.used_by)
         table.add_row(escape(e.stage), e.fingerprint, "building" if e.build is None else str(e.build), state,
                       size_text(e.size), age(e.modified), escape(shown))

@@ -82,6 +82,8 @@ def test_pruning_or_deleting_the_other_recipe_leaves_this_one_whole(nnopt, write
     code, out, _ = nnopt("run", b_file, "-O", out_dir)
     assert code == 0 and plan_line(out, "train") == "reuse train (train): finished artifact matches"
     assert (mine / "model.pt").read_bytes() == model and stage_record(out_dir / "b", "train")["origin"]["recipe"] == "a"
+    code, out, _ = nnopt("store", out_dir / "b")
+    assert code == 0 and "current, from a" in next(line for line in out.splitlines() if " train " in line)
 
 
 # -- the store alone: what is taken, and how --------------------------------------------------------------------
