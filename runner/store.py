@@ -191,10 +191,7 @@ class Store:
                                                  "artifact": os.path.relpath(source, sibling.root.parent.parent),
                                                  "files": "linked" if linked else "copied"})
                 artifacts.mark_done(folder, fingerprint)
-                runs = [run for run in where if run != "."]
-                label = sibling.root.parent.name + (f" ({', '.join(runs)})" if runs else "" if where else
-                                                    " (kept in its store)")
-                return self._enter(folder, fingerprint), label
+                return self._enter(folder, fingerprint), _where_label(sibling.root.parent.name, where)
         return None
 
     def where_shown(self, entry: Path) -> list[str]:
@@ -382,6 +379,16 @@ def origin(entry: Path) -> dict | None:
         return read_json(Path(entry) / ORIGIN)
     except (OSError, ValueError):
         return None
+
+
+def _where_label(recipe: str, runs: list[str]) -> str:
+    """`a` (its plain run shows it), `a (seed-0)`, `a (seed-0, seed-1, seed-2 and 4 more)`, `a (kept in its store)`."""
+    named = [run for run in runs if run != "."]
+    if not runs:
+        return f"{recipe} (kept in its store)"
+    if not named:
+        return recipe
+    return f"{recipe} ({', '.join(named[:3])}{f' and {len(named) - 3} more' if len(named) > 3 else ''})"
 
 
 def _plain_files(entry: Path) -> list[Path] | None:
