@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,62 @@ def kill_at_step(victim: subprocess.Popen, position: Path, step: int) -> None:
             break
         time.sleep(0.01)
     assert victim.wait() == -signal.SIGKILL, victim.stdout.read()
+
+
+# ---- exact resume: a run interrupted and rerun, against the same run never interrupted ----------------------
+
+TIMING = {"fit_seconds", "samples_per_second", "resumed"}
+
+
+def timing(metric: str) -> bool:
+    """Wall-clock figures (and the inference path chosen by timing) differ between any two runs;
+    everything else must match bit for bit."""
+    return metric in TIMING or metric.startswith(("latency", "deploy_"))
+
+
+def untimed_metrics(run_dir: Path, folder: str) -> dict:
+    """A stage's metrics less the wall-clock ones: what a resumed run must reproduce exactly."""
+    return {k: v for k, v in read_metrics(run_dir, folder).items() if not timing(k)}
+
+
+def interrupt_after_checkpoint(monkeypatch, count: int) -> list[int]:
+    """Press Ctrl-C right after the `count`-th checkpoint is written (0: never); returns the steps saved."""
+    from runner.lightning.resume import ResumePoints  # Lightning: imported by the tests that train, not here
+
+    save, saved = ResumePoints._save, []
+
+    def save_then_interrupt(self, trainer):
+        save(self, trainer)
+        saved.append(trainer.global_step)
+        if len(saved) == count:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumePoints, "_save", save_then_interrupt)
+    return saved
+
+
+@dataclass
+class Resumed:
+    """What `run_straight_and_resumed` leaves: both run folders, and what the interrupted run and its rerun did."""
+
+    straight: Path  # the run never interrupted
+    resumed: Path  # the run interrupted, then rerun to resume
+    saved_before: list[int]  # the steps checkpointed before the interruption
+    saved_after: list[int]  # the steps the rerun checkpointed
+    out: str  # the rerun's console output
+    err: str
+
+
+def run_straight_and_resumed(nnopt, monkeypatch, recipe: Path, output: Path, checkpoints: int) -> Resumed:
+    """Run `recipe` straight through into output/straight; run it into output/interrupted with a Ctrl-C right
+    after its `checkpoints`-th checkpoint (counted over all its stages), then again there, which resumes."""
+    assert nnopt("run", recipe, "-O", output / "straight")[0] == 0
+    with monkeypatch.context() as patch:
+        saved_before = interrupt_after_checkpoint(patch, checkpoints)
+        assert nnopt("run", recipe, "-O", output / "interrupted")[0] == 130
+    with monkeypatch.context() as patch:
+        saved_after = interrupt_after_checkpoint(patch, 0)  # count only
+        code, out, err = nnopt("run", recipe, "-O", output / "interrupted")
+    assert code == 0, out + err
+    name = yaml.safe_load(recipe.read_text())["name"]
+    return Resumed(output / "straight" / name, output / "interrupted" / name, saved_before, saved_after, out, err)

@@ -17,8 +17,7 @@ from runner.data.build import build_data
 from runner.data.make_image_folder import SHAPES, make_image_folder
 from runner.data.streaming import StreamingBatches, augmentation_seed
 from runner.recipe import load_recipe
-from tests.conftest import building_folder, kill_at_step, read_metrics
-from tests.test_resume import interrupt_after_checkpoint, timing
+from tests.conftest import building_folder, kill_at_step, read_metrics, run_straight_and_resumed, untimed_metrics
 from tests.test_validation import assert_clean_error
 
 
@@ -279,20 +278,15 @@ def streaming_recipe(root, epochs: int = 2) -> dict:
 
 
 def test_an_interrupted_streaming_fit_resumes_bit_identical(nnopt, write_recipe, tmp_path, monkeypatch, shapes):
-    path = write_recipe(streaming_recipe(shapes))
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        saved = interrupt_after_checkpoint(patch, 4)  # step 12: mid-epoch 1
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    code, out, err = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert saved == [4, 8, 10, 12] and code == 0 and "resumes from its last checkpoint at step 12" in out, err
-    assert_same_run(tmp_path / "straight" / "shapes", tmp_path / "interrupted" / "shapes")
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(streaming_recipe(shapes)), tmp_path,
+                                   checkpoints=4)  # step 12: mid-epoch 1
+    assert run.saved_before == [4, 8, 10, 12] and "resumes from its last checkpoint at step 12" in run.out, run.err
+    assert_same_run(run.straight, run.resumed)
 
 
 def assert_same_run(straight, resumed) -> None:
     for folder in ("01-train", "02-evaluate"):
-        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
-        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k) and k != "resumed"} == expected
+        assert untimed_metrics(resumed, folder) == untimed_metrics(straight, folder)
     weights = torch.load(resumed / "01-train" / "model.pt", weights_only=True)
     reference = torch.load(straight / "01-train" / "model.pt", weights_only=True)
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)

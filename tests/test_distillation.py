@@ -14,8 +14,8 @@ from runner.lightning.resume import ResumePoints
 from runner.lightning.teacher import Teacher
 from runner.modelio import load_model
 from runner.recipe.training import CrossEntropy, Distillation
-from tests.conftest import building_folder, kill_at_step, read_metrics, synthetic_recipe
-from tests.test_resume import nnopt_process, timing
+from tests.conftest import building_folder, kill_at_step, read_metrics, synthetic_recipe, timing
+from tests.test_resume import nnopt_process
 
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 TEACHER = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.5]]

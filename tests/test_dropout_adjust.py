@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from tests.conftest import read_metrics
-from tests.test_resume import interrupt_after_checkpoint, resumable_recipe, timing
+from tests.conftest import read_metrics, run_straight_and_resumed, untimed_metrics
+from tests.test_resume import resumable_recipe
 
 ADJUST = {"adjust": "sqrt_kept"}
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
@@ -195,16 +195,12 @@ def test_interrupted_adjusted_finetune_resumes_to_the_same_result(nnopt, write_r
                         {"name": "prune", "kind": "prune", "sparsity": 0.8, "scope": "global"},
                         {"name": "finetune", "kind": "finetune", "epochs": 2, "dropout": ADJUST,
                          "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}]
-    path = write_recipe(recipe)
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 4 + 4)  # finetune's step 24, mid-epoch 1
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert code == 0 and "finetune (finetune): unfinished: resumes from its last checkpoint at step 24" in out
-    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
-    expected = {k: v for k, v in read_metrics(straight, "03-finetune").items() if not timing(k)}
-    assert {k: v for k, v in read_metrics(resumed, "03-finetune").items() if not timing(k)} == expected
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(recipe), tmp_path,
+                                   checkpoints=4 + 4)  # finetune's step 24, mid-epoch 1
+    assert "finetune (finetune): unfinished: resumes from its last checkpoint at step 24" in run.out
+    straight, resumed = run.straight, run.resumed
+    expected = untimed_metrics(straight, "03-finetune")
+    assert untimed_metrics(resumed, "03-finetune") == expected
     assert expected["dropout"]["drop1"]["after"] < 0.3  # it did adjust
     weights = torch.load(resumed / "03-finetune" / "model.pt", weights_only=True)
     straight_weights = torch.load(straight / "03-finetune" / "model.pt", weights_only=True)

@@ -9,7 +9,7 @@ from runner.modelio import load_model
 from runner.lightning.gradual import agp_sparsity
 from runner.lightning.module import ClassifierModule
 from runner.recipe.schema import Recipe
-from tests.conftest import read_metrics, synthetic_recipe
+from tests.conftest import read_metrics, run_straight_and_resumed, synthetic_recipe, untimed_metrics
 
 # synthetic_recipe: 512 examples / batch 32 = 16 steps per epoch, 3 epochs = 48 steps.
 AGP = {"sparsity": 0.8, "start": {"steps": 4}, "end": {"epochs": 2}, "every": {"fraction": 0.125}}
@@ -91,20 +91,14 @@ def test_bad_gradual_specs_are_located_errors(nnopt, write_recipe, agp, message)
 def test_interrupted_gradual_pruning_resumes_bit_identical(nnopt, write_recipe, tmp_path, monkeypatch):
     """Interrupted between two pruning steps, the resumed stage keeps its masks, knows which steps it has
     pruned at, and draws the same random scores: it ends exactly where an uninterrupted run ends."""
-    from tests.test_resume import interrupt_after_checkpoint, timing
-
     recipe = synthetic_recipe(gradual_pruning={**AGP, "method": "random"})
     recipe["trainer"]["checkpoint"] = {"every_n_steps": 8}
-    path = write_recipe(recipe)
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 2)  # step 16: pruned at 4, 10, 16 so far; 22, 28, 32 to come
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert code == 0 and "resumes from its last checkpoint at step 16" in out
-    straight, resumed = (tmp_path / folder / "tiny" for folder in ("straight", "interrupted"))
-    expected = {k: v for k, v in read_metrics(straight, "01-train").items() if not timing(k)}
-    assert {k: v for k, v in read_metrics(resumed, "01-train").items() if not timing(k)} == expected
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(recipe), tmp_path,
+                                   checkpoints=2)  # step 16: pruned at 4, 10, 16 so far; 22, 28, 32 to come
+    assert "resumes from its last checkpoint at step 16" in run.out
+    straight, resumed = run.straight, run.resumed
+    expected = untimed_metrics(straight, "01-train")
+    assert untimed_metrics(resumed, "01-train") == expected
     assert list(expected["gradual_pruning"]["pruned_at_steps"]) == ["4", "10", "16", "22", "28", "32"]
     weights, reference = (torch.load(run / "01-train" / "model.pt", weights_only=True) for run in (resumed, straight))
     assert any(key.endswith(".mask") for key in weights)

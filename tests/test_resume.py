@@ -11,16 +11,8 @@ import torch
 import yaml
 
 from runner.cli import main
-from runner.lightning.resume import ResumePoints
-from tests.conftest import building_folder, kill_at_step, mnist_recipe, read_metrics, synthetic_recipe
-
-TIMING = {"fit_seconds", "samples_per_second", "resumed"}
-
-
-def timing(metric: str) -> bool:
-    """Wall-clock figures (and the inference path chosen by timing) differ between any two runs;
-    everything else must match bit for bit."""
-    return metric in TIMING or metric.startswith(("latency", "deploy_"))
+from tests.conftest import (building_folder, interrupt_after_checkpoint, kill_at_step, mnist_recipe, read_metrics,
+                            run_straight_and_resumed, synthetic_recipe, timing, untimed_metrics)
 
 
 def resumable_recipe() -> dict:
@@ -32,23 +24,8 @@ def resumable_recipe() -> dict:
     return recipe
 
 
-def interrupt_after_checkpoint(monkeypatch, count: int) -> list[int]:
-    """Press Ctrl-C right after the `count`-th checkpoint is written; returns the steps saved."""
-    save, saved = ResumePoints._save, []
-
-    def save_then_interrupt(self, trainer):
-        save(self, trainer)
-        saved.append(trainer.global_step)
-        if len(saved) == count:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumePoints, "_save", save_then_interrupt)
-    return saved
-
-
 def results(run_dir) -> tuple[dict, dict, dict]:
-    train = {k: v for k, v in read_metrics(run_dir, "01-train").items() if not timing(k)}
-    evaluate = {k: v for k, v in read_metrics(run_dir, "02-evaluate").items() if not timing(k)}
+    train, evaluate = untimed_metrics(run_dir, "01-train"), untimed_metrics(run_dir, "02-evaluate")
     return train, evaluate, torch.load(run_dir / "01-train" / "model.pt", weights_only=True)
 
 
@@ -87,16 +64,11 @@ def test_gradual_pruning_resumes_with_its_masks_schedule_and_generator(nnopt, wr
     # Random selection draws from the callback's own generator: its state must come back too.
     recipe["stages"][0]["gradual_pruning"] = {"sparsity": 0.8, "start": {"steps": 4}, "end": {"steps": 40},
                                               "every": {"steps": 4}, "method": "random"}
-    path = write_recipe(recipe)
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 4)  # step 24: 6 of the 10 pruning events done
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 0
-    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(recipe), tmp_path,
+                                   checkpoints=4)  # step 24: 6 of the 10 pruning events done
+    straight, resumed = run.straight, run.resumed
     for folder in ("01-train", "02-evaluate"):
-        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
-        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
+        assert untimed_metrics(resumed, folder) == untimed_metrics(straight, folder)
     assert len(read_metrics(resumed, "01-train")["gradual_pruning"]["pruned_at_steps"]) == 10
     weights = torch.load(resumed / "01-train" / "model.pt", weights_only=True)
     expected = torch.load(straight / "01-train" / "model.pt", weights_only=True)
@@ -109,22 +81,15 @@ def test_iterative_pruning_resumes_inside_its_rounds(nnopt, write_recipe, tmp_pa
     retrain = {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}
     recipe["stages"].insert(1, {"name": "rounds", "kind": "iterative_prune", "rounds": 2, "fraction": 0.5,
                                 "rewind": "init", "retrain": retrain})
-    path = write_recipe(recipe)
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 4 + 7 + 7 + 4)  # round 0 and 1 done (7 each), round 2 at step 24
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    with monkeypatch.context() as patch:
-        saved = interrupt_after_checkpoint(patch, 0)  # count only
-        code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert saved == [32, 32, 32]  # only round 2 trains again, from step 24: step 32, end of epoch 1, end of fit
-    assert code == 0 and ("rounds (iterative_prune): unfinished: resumes from its last checkpoint at "
-                          "round-0 step 32 (epoch 2), round-1 step 32 (epoch 2), round-2 step 24 (epoch 1)") in out
-    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(recipe), tmp_path,
+                                   checkpoints=4 + 7 + 7 + 4)  # round 0 and 1 done (7 each), round 2 at step 24
+    assert run.saved_after == [32, 32, 32]  # only round 2 trains again, from step 24: step 32, end of epoch 1, of fit
+    assert ("rounds (iterative_prune): unfinished: resumes from its last checkpoint at "
+            "round-0 step 32 (epoch 2), round-1 step 32 (epoch 2), round-2 step 24 (epoch 1)") in run.out
+    straight, resumed = run.straight, run.resumed
     assert read_metrics(resumed, "02-rounds")["rounds"][1]["steps"] == 32
     for folder in ("02-rounds", "03-evaluate"):
-        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
-        got = {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)}
+        expected, got = untimed_metrics(straight, folder), untimed_metrics(resumed, folder)
         assert {k: v for k, v in got.items() if k not in ("dense", "rounds")} == \
             {k: v for k, v in expected.items() if k not in ("dense", "rounds")}
         for key in ("dense", "rounds"):
@@ -166,18 +131,13 @@ def test_finetune_of_a_pruned_model_resumes_with_its_masks(nnopt, write_recipe, 
     recipe["stages"][0]["epochs"] = 2  # 7 checkpoints: steps 8, 16, end of epoch 0, 24, 32, end of epoch 1, of fit
     finetune = {"name": "finetune", "kind": "finetune", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}
     recipe["stages"][1:1] = [{"name": "prune", "kind": "prune", "sparsity": 0.8, "scope": "global"}, finetune]
-    path = write_recipe(recipe)
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 7 + 4)  # finetune's step 24, mid-epoch 1
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    code, out, _ = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert code == 0 and "finetune (finetune): unfinished: resumes from its last checkpoint at step 24" in out
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(recipe), tmp_path,
+                                   checkpoints=7 + 4)  # finetune's step 24, mid-epoch 1
+    assert "finetune (finetune): unfinished: resumes from its last checkpoint at step 24" in run.out
 
-    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    straight, resumed = run.straight, run.resumed
     for folder in ("03-finetune", "04-evaluate"):
-        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
-        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
+        assert untimed_metrics(resumed, folder) == untimed_metrics(straight, folder)
     assert read_metrics(resumed, "04-evaluate")["sparsity"] > 0.5
     weights = torch.load(resumed / "03-finetune" / "model.pt", weights_only=True)
     expected = torch.load(straight / "03-finetune" / "model.pt", weights_only=True)
@@ -193,17 +153,11 @@ def test_qat_resumes_with_frozen_observers_and_batchnorm(nnopt, write_recipe, tm
     qat = {"name": "qat", "kind": "quantize", "method": "qat", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.01},
            "freeze_observers_after": {"steps": 4}, "freeze_batchnorm_after": {"steps": 12}}
     recipe["stages"].insert(1, qat)
-    path = write_recipe(recipe)
-    assert nnopt("run", path, "-O", tmp_path / "straight")[0] == 0
-    with monkeypatch.context() as patch:
-        interrupt_after_checkpoint(patch, 4 + 4)  # QAT's step 24: observers and BatchNorm frozen before it
-        assert nnopt("run", path, "-O", tmp_path / "interrupted")[0] == 130
-    code, out, err = nnopt("run", path, "-O", tmp_path / "interrupted")
-    assert code == 0 and "qat (quantize): unfinished: resumes from its last checkpoint at step 24" in out, err
-    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "interrupted" / "tiny"
+    run = run_straight_and_resumed(nnopt, monkeypatch, write_recipe(recipe), tmp_path,
+                                   checkpoints=4 + 4)  # QAT's step 24: observers and BatchNorm frozen before it
+    assert "qat (quantize): unfinished: resumes from its last checkpoint at step 24" in run.out, run.err
     for folder in ("02-qat", "03-evaluate"):
-        expected = {k: v for k, v in read_metrics(straight, folder).items() if not timing(k)}
-        assert {k: v for k, v in read_metrics(resumed, folder).items() if not timing(k)} == expected
+        assert untimed_metrics(run.resumed, folder) == untimed_metrics(run.straight, folder)
 
 
 def nnopt_process(recipe, out_dir) -> subprocess.Popen:
@@ -234,9 +188,8 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(write_reci
     assert "train (train): unfinished: resumes from its last checkpoint at step" in out
     assert straight.wait() == 0, straight.stdout.read()
     for folder in ("01-train", "02-evaluate"):
-        expected = {k: v for k, v in read_metrics(tmp_path / "straight" / "mnist_small", folder).items() if not timing(k)}
-        got = {k: v for k, v in read_metrics(tmp_path / "killed" / "mnist_small", folder).items() if not timing(k)}
-        assert got == expected
+        assert untimed_metrics(tmp_path / "killed" / "mnist_small", folder) == \
+            untimed_metrics(tmp_path / "straight" / "mnist_small", folder)
     weights = torch.load(stage / "model.pt", weights_only=True)
     reference = torch.load(tmp_path / "straight" / "mnist_small" / "01-train" / "model.pt", weights_only=True)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
