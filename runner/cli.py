@@ -198,7 +198,8 @@ def cmd_store(args) -> int:
         table.add_column(column, justify="right" if column in ("build", "size", "age") else "left")
     for e in entries:
         brought = origin(e.folder)  # finished in a sibling recipe's store, brought here (runner.store.Store.bring)
-        state = e.state + (f", from {brought['recipe']}" if brought else "") + (" (prune removes)" if e.folder in surplus else "")
+        state = (e.state + (f", from {brought['recipe']}" if brought else "")
+                 + (" (prune removes)" if e.folder in surplus else ""))
         shown = ", ".join(str(p.relative_to(store.root.parent)) for p in e.used_by)
         table.add_row(escape(e.stage), e.fingerprint, "building" if e.build is None else str(e.build), state,
                       size_text(e.size), age(e.modified), escape(shown))

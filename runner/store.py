@@ -1,4 +1,4 @@
-"""The stage store: finished artifacts kept by fingerprint, each built apart and swapped in whole, or brought from a sibling recipe's store."""
+"""The stage store: finished artifacts kept by fingerprint, built apart and swapped in whole, or brought from a sibling recipe's."""
 
 from __future__ import annotations
 
