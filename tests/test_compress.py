@@ -33,6 +33,18 @@ def test_huffman_spends_fewer_bits_on_frequent_symbols():
     assert huffman.decode(coded).tolist() == stream.tolist()
 
 
+def test_huffman_stream_is_the_canonical_codes_msb_first_and_a_bad_stream_is_refused():
+    """The bits a .dcz file holds: counts 3, 1, 1 give lengths 1, 2, 2, canonical codes 0, 10, 11, so
+    [0, 0, 0, 1, 2] is 0001011 (0x16 padded); a stream of a one-symbol code (code `0`) that reads 1 is corrupt."""
+    coded = huffman.encode(np.array([0, 0, 0, 1, 2]))
+    assert (coded.lengths, coded.bits, coded.nbits) == (b"\x01\x02\x02", b"\x16", 7)
+    assert huffman.decode(huffman.Coded(0, coded.lengths, b"\x16\xff", 16, 5)).tolist() == [0, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match="corrupt"):
+        huffman.decode(huffman.Coded(0, b"\x01", b"\x80", 8, 2))
+    with pytest.raises(ValueError, match="corrupt"):  # more symbols than the stream holds
+        huffman.decode(huffman.Coded(0, b"\x01", b"\x00", 8, 9))
+
+
 def _entropy_bits(p: float, n: int) -> float:
     return -n * (p * np.log2(p) + (1 - p) * np.log2(1 - p))
 

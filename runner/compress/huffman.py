@@ -57,12 +57,28 @@ def encode(symbols: np.ndarray) -> Coded:
         raise ValueError("Huffman code longer than 57 bits")  # cannot happen below ~10^11 symbols
     codes = _canonical(lengths)
     sym_codes, sym_lengths = codes[index], lengths[index]
-    width = int(sym_lengths.max())
-    shifts = sym_lengths[:, None] - 1 - np.arange(width)[None, :]
-    bit_matrix = (sym_codes[:, None] >> np.maximum(shifts, 0)) & 1
-    bits = bit_matrix[shifts >= 0].astype(np.uint8)  # row-major: each symbol's bits in order
+    # Each symbol's code goes at its offset in the stream, MSB first: one pass per bit of the longest code, over
+    # the symbols whose code has that bit (a symbols x width matrix of bits takes gigabytes for a ResNet's weights).
+    ends = np.cumsum(sym_lengths)
+    starts = ends - sym_lengths
+    bits = np.zeros(int(ends[-1]), dtype=np.uint8)
+    for j in range(int(sym_lengths.max())):
+        has = np.flatnonzero(sym_lengths > j)
+        bits[starts[has] + j] = (sym_codes[has] >> (sym_lengths[has] - 1 - j)) & 1
     return Coded(lowest, lengths.astype(np.uint8).tobytes(), np.packbits(bits).tobytes(), int(bits.size),
                   int(symbols.size))
+
+
+def _windows(coded: Coded, width: int) -> np.ndarray:
+    """For each bit position p of the stream: the `width` bits from p on, as an integer (past the end: zeros)."""
+    raw = np.frombuffer(coded.bits, dtype=np.uint8)
+    padded = np.concatenate([raw, np.zeros(8, dtype=np.uint8)])
+    # the 8 bytes from each byte on, as one big-endian word: a view, nothing copied
+    words = np.ndarray((len(raw),), dtype=">u8", buffer=padded, strides=(1,))
+    position = np.arange(coded.nbits, dtype=np.uint64)
+    # width <= 57, so a word shifted by up to 7 bits still holds the whole window
+    return ((words[position >> np.uint64(3)].astype(np.uint64) << (position & np.uint64(7)))
+            >> np.uint64(64 - width)).astype(np.int64)
 
 
 def decode(coded: Coded) -> np.ndarray:
@@ -71,25 +87,25 @@ def decode(coded: Coded) -> np.ndarray:
     lengths = np.frombuffer(coded.lengths, dtype=np.uint8).astype(np.int64)
     codes = _canonical(lengths)
     width = int(lengths.max())
-    table = {(int(lengths[s]), int(codes[s])): s + coded.lowest for s in np.flatnonzero(lengths)}
-    sizes = sorted(set(int(x) for x in lengths[lengths > 0]))
-    bits = np.unpackbits(np.frombuffer(coded.bits, dtype=np.uint8))[:coded.nbits].astype(np.int64)
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.int64)])
-    # window[p] = the next `width` bits from position p as an integer; a code of length l is its top l bits
-    window = np.zeros(coded.nbits, dtype=np.int64)
-    for j in range(width):
-        window = (window << 1) | padded[j:j + coded.nbits]
-    window = window.tolist()
-    out = np.empty(coded.count, dtype=np.int64)
+    # Left-justified to `width` bits, canonical codes increase in (length, symbol) order, and a code of length l
+    # owns the 2^(width - l) windows that start with it: the code read at a bit position is the last whose
+    # left-justified value is at most the window there.
+    order = np.array(sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)), dtype=np.int64)
+    first = codes[order] << (width - lengths[order])
+    past = first + (np.int64(1) << (width - lengths[order]))
+    window = _windows(coded, width)
+    rank = np.searchsorted(first, window, side="right") - 1
+    # Where a code starts depends on the one before it: a walk over the symbols, by the length read at each bit.
+    step = lengths[order][rank].astype(np.uint8).tobytes()
+    positions = [0] * coded.count
     position = 0
-    for i in range(coded.count):
-        value = window[position]
-        for size in sizes:
-            symbol = table.get((size, value >> (width - size)))
-            if symbol is not None:
-                out[i] = symbol
-                position += size
-                break
-        else:
-            raise ValueError("corrupt Huffman stream")
-    return out
+    try:
+        for i in range(coded.count):
+            positions[i] = position
+            position += step[position]
+    except IndexError:  # the stream ends before `count` symbols
+        raise ValueError("corrupt Huffman stream") from None
+    at = rank[positions]
+    if (at < 0).any() or (window[positions] >= past[at]).any():  # bits that begin no code (an incomplete code)
+        raise ValueError("corrupt Huffman stream")
+    return order[at] + coded.lowest
