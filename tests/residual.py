@@ -13,5 +13,6 @@ def residual_recipe(name: str, stages: list[dict], model: dict = RESNET20, shape
     train = [{"name": "train", "kind": "train", "epochs": train_epochs,
               "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}}] if train_epochs else []
     # One thread: on a shared two-core machine a second OpenMP thread spins and makes each step 30x slower.
-    return {"name": name, "seed": 0, "model": model, "data": data, "trainer": {"progress_bar": False, "threads": 1},
-            "stages": [*train, *stages]}
+    # No resume checkpoints: they are tests/test_resume's subject, and a ResNet-18's take seconds to write each epoch.
+    return {"name": name, "seed": 0, "model": model, "data": data,
+            "trainer": {"progress_bar": False, "threads": 1, "checkpoint": None}, "stages": [*train, *stages]}

@@ -14,8 +14,10 @@ from runner.modelio import load_model, load_packed
 from conftest import read_metrics
 
 RECIPES = Path(__file__).parent.parent / "recipes"
+# 16-pixel images, one thread, no resume checkpoints (a ResNet-18's take seconds each epoch; tests/test_resume
+# covers resuming), latency timed at batch size 1 only (no figure of it is checked here)
 SMALL = ["-o", "data.transforms.train=[{RandomCrop: {size: 16, padding: 2}}, RandomHorizontalFlip]",
-         "-o", "trainer.threads=1"]
+         "-o", "trainer.threads=1", "-o", "trainer.checkpoint=null"]
 
 
 @pytest.mark.slow
@@ -23,7 +25,8 @@ def test_resnet18_from_weights_pruned_int8_and_exported(nnopt, tmp_path):
     shapes = make_image_folder(tmp_path / "shapes", per_class=24, size=16)
     out = tmp_path / "out"
     code, _, err = nnopt("run", RECIPES / "resnet18_shapes.yaml", "-O", out, "-o", f"data.args.root={shapes}",
-                         "-o", "stages.train.epochs=6", "-o", "stages.evaluate.latency_repeats=3", *SMALL)
+                         "-o", "stages.train.epochs=6", "-o", "stages.evaluate.latency_repeats=3",
+                         "-o", "stages.evaluate.latency_batch_sizes=[1]", *SMALL)
     assert code == 0, err
     trained = read_metrics(out / "resnet18_shapes", "02-evaluate")
     assert trained["test_acc"] > 0.5  # 4 classes: chance is 0.25
@@ -32,6 +35,7 @@ def test_resnet18_from_weights_pruned_int8_and_exported(nnopt, tmp_path):
         "run", RECIPES / "resnet18_image_folder.yaml", "-O", out, "-o", f"data.args.root={shapes}",
         "-o", f"model.weights={out / 'resnet18_shapes' / '01-train'}", "-o", "stages.finetune.epochs=3",
         "-o", "stages.loaded.latency_repeats=3", "-o", "stages.evaluate.latency_repeats=3",
+        "-o", "stages.loaded.latency_batch_sizes=[1]", "-o", "stages.evaluate.latency_batch_sizes=[1]",
         "-o", "stages.int8.calibration_batches=2", "-o", "stages.export.check_examples=24", *SMALL)
     assert code == 0, err
     run = out / "resnet18_image_folder"
