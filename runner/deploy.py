@@ -23,7 +23,9 @@ class CsrLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = linear.weight.detach().to_sparse_csr()
+        with warnings.catch_warnings():  # torch's "CSR support is in beta" notice, printed once per run, tells a user nothing
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.weight = linear.weight.detach().to_sparse_csr()
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.out_features = linear.out_features
 
