@@ -1,4 +1,4 @@
-"""The field reference is generated from the schema: the committed page, `nnopt docs` and `nnopt list --args`."""
+"""The documentation stays true: the generated field reference, `nnopt docs`, `nnopt list --args`, README's recipe table."""
 
 from __future__ import annotations
 
@@ -44,3 +44,11 @@ def test_list_args_shows_arguments_and_defaults(nnopt):
     assert "in_features=784" in out  # lenet_300_100's factory signature
     assert "lr (required)" in out and "momentum=0.0" in out  # sgd's spec
     assert "calibration_batches (required)" in out
+
+
+def test_readme_lists_every_shipped_recipe():
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text()
+    unlisted = [recipe.name for recipe in sorted((root / "recipes").glob("*.yaml"))
+                if f"| `recipes/{recipe.name}` |" not in readme]
+    assert not unlisted, f"README's recipe table lacks {unlisted}"
