@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,27 +58,32 @@ def encode(symbols: np.ndarray) -> Coded:
         raise ValueError("Huffman code longer than 57 bits")  # cannot happen below ~10^11 symbols
     codes = _canonical(lengths)
     sym_codes, sym_lengths = codes[index], lengths[index]
-    # Each symbol's code goes at its offset in the stream, MSB first: one pass per bit of the longest code, over
-    # the symbols whose code has that bit (a symbols x width matrix of bits takes gigabytes for a ResNet's weights).
+    # Each symbol's code goes at its offset in the stream, MSB first: pass j writes bit j of every code longer
+    # than j (a symbols x width matrix of bits takes gigabytes for a ResNet's weights). Sorted longest first,
+    # those codes are a prefix of the symbols, so each pass reads slices, not a mask.
     ends = np.cumsum(sym_lengths)
-    starts = ends - sym_lengths
+    longest_first = np.argsort(-sym_lengths.astype(np.int8), kind="stable")
+    sorted_starts = (ends - sym_lengths)[longest_first]
+    sorted_codes, sorted_lengths = sym_codes[longest_first], sym_lengths[longest_first]
+    longer_than = np.bincount(sym_lengths)[::-1].cumsum()[::-1]  # longer_than[j + 1]: codes with more than j bits
     bits = np.zeros(int(ends[-1]), dtype=np.uint8)
     for j in range(int(sym_lengths.max())):
-        has = np.flatnonzero(sym_lengths > j)
-        bits[starts[has] + j] = (sym_codes[has] >> (sym_lengths[has] - 1 - j)) & 1
+        n = int(longer_than[j + 1])
+        bits[sorted_starts[:n] + j] = (sorted_codes[:n] >> (sorted_lengths[:n] - 1 - j)) & 1
     return Coded(lowest, lengths.astype(np.uint8).tobytes(), np.packbits(bits).tobytes(), int(bits.size),
                   int(symbols.size))
 
 
-def _windows(coded: Coded, width: int) -> np.ndarray:
-    """For each bit position p of the stream: the `width` bits from p on, as an integer (past the end: zeros)."""
-    raw = np.frombuffer(coded.bits, dtype=np.uint8)
-    padded = np.concatenate([raw, np.zeros(8, dtype=np.uint8)])
+CHUNK = 1 << 22  # bit positions read per pass: bounded temporaries
+
+
+def _windows(padded: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
+    """The `width` bits from each bit position on, as integers; `padded` is the stream plus 8 zero bytes."""
     # the 8 bytes from each byte on, as one big-endian word: a view, nothing copied
-    words = np.ndarray((len(raw),), dtype=">u8", buffer=padded, strides=(1,))
-    position = np.arange(coded.nbits, dtype=np.uint64)
+    words = np.ndarray((len(padded) - 7,), dtype=">u8", buffer=padded, strides=(1,))
+    positions = positions.astype(np.uint64)
     # width <= 57, so a word shifted by up to 7 bits still holds the whole window
-    return ((words[position >> np.uint64(3)].astype(np.uint64) << (position & np.uint64(7)))
+    return ((words[positions >> np.uint64(3)].astype(np.uint64) << (positions & np.uint64(7)))
             >> np.uint64(64 - width)).astype(np.int64)
 
 
@@ -93,19 +99,23 @@ def decode(coded: Coded) -> np.ndarray:
     order = np.array(sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)), dtype=np.int64)
     first = codes[order] << (width - lengths[order])
     past = first + (np.int64(1) << (width - lengths[order]))
-    window = _windows(coded, width)
-    rank = np.searchsorted(first, window, side="right") - 1
-    # Where a code starts depends on the one before it: a walk over the symbols, by the length read at each bit.
-    step = lengths[order][rank].astype(np.uint8).tobytes()
-    positions = [0] * coded.count
+    padded = np.concatenate([np.frombuffer(coded.bits, dtype=np.uint8), np.zeros(8, dtype=np.uint8)])
+    step = bytearray(coded.nbits)  # the length of the code read at each bit position
+    for start in range(0, coded.nbits, CHUNK):
+        window = _windows(padded, np.arange(start, min(start + CHUNK, coded.nbits)), width)
+        step[start:start + len(window)] = lengths[order][np.searchsorted(first, window, side="right") - 1].astype(
+            np.uint8).tobytes()
+    # Where a code starts depends on the one before it: a walk over the symbols, by those lengths alone.
+    starts = array("q", bytes(8 * coded.count))
     position = 0
     try:
         for i in range(coded.count):
-            positions[i] = position
+            starts[i] = position
             position += step[position]
     except IndexError:  # the stream ends before `count` symbols
         raise ValueError("corrupt Huffman stream") from None
-    at = rank[positions]
-    if (at < 0).any() or (window[positions] >= past[at]).any():  # bits that begin no code (an incomplete code)
+    window = _windows(padded, np.frombuffer(starts, dtype=np.int64), width)
+    at = np.searchsorted(first, window, side="right") - 1
+    if (at < 0).any() or (window >= past[at]).any():  # bits that begin no code (an incomplete code)
         raise ValueError("corrupt Huffman stream")
     return order[at] + coded.lowest
