@@ -65,10 +65,10 @@ def encode(symbols: np.ndarray) -> Coded:
     longest_first = np.argsort(-sym_lengths.astype(np.int8), kind="stable")
     sorted_starts = (ends - sym_lengths)[longest_first]
     sorted_codes, sorted_lengths = sym_codes[longest_first], sym_lengths[longest_first]
-    longer_than = np.bincount(sym_lengths)[::-1].cumsum()[::-1]  # longer_than[j + 1]: codes with more than j bits
+    at_least = np.bincount(sym_lengths)[::-1].cumsum()[::-1]  # at_least[k]: the codes of k bits or more
     bits = np.zeros(int(ends[-1]), dtype=np.uint8)
     for j in range(int(sym_lengths.max())):
-        n = int(longer_than[j + 1])
+        n = int(at_least[j + 1])
         bits[sorted_starts[:n] + j] = (sorted_codes[:n] >> (sorted_lengths[:n] - 1 - j)) & 1
     return Coded(lowest, lengths.astype(np.uint8).tobytes(), np.packbits(bits).tobytes(), int(bits.size),
                   int(symbols.size))
