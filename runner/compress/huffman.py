@@ -97,14 +97,15 @@ def decode(coded: Coded) -> np.ndarray:
     # owns the 2^(width - l) windows that start with it: the code read at a bit position is the last whose
     # left-justified value is at most the window there.
     order = np.array(sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)), dtype=np.int64)
-    first = codes[order] << (width - lengths[order])
-    past = first + (np.int64(1) << (width - lengths[order]))
+    ordered_lengths = lengths[order]
+    first = codes[order] << (width - ordered_lengths)
+    past = first + (np.int64(1) << (width - ordered_lengths))
     padded = np.concatenate([np.frombuffer(coded.bits, dtype=np.uint8), np.zeros(8, dtype=np.uint8)])
     step = bytearray(coded.nbits)  # the length of the code read at each bit position
     for start in range(0, coded.nbits, CHUNK):
         window = _windows(padded, np.arange(start, min(start + CHUNK, coded.nbits)), width)
-        step[start:start + len(window)] = lengths[order][np.searchsorted(first, window, side="right") - 1].astype(
-            np.uint8).tobytes()
+        at = np.searchsorted(first, window, side="right") - 1
+        step[start:start + len(window)] = ordered_lengths[at].astype(np.uint8).tobytes()
     # Where a code starts depends on the one before it: a walk over the symbols, by those lengths alone.
     starts = array("q", bytes(8 * coded.count))
     position = 0
