@@ -147,7 +147,29 @@ class TrainerSpec(Spec):
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
+class Extends(Spec):
+    """The recipe file this one builds on (`extends: base.yaml` is `{file: base.yaml}`), merged when the file is
+    read (runner/recipe/inherit.py): mappings merge key by key, the child's values winning; lists and other
+    values are replaced; `stages` merge by `name`: an entry naming a parent's stage changes the fields it gives,
+    a new name is appended, or placed by `_after_: STAGE` / `_before_: STAGE`, and `{name: S, _remove_: true}`
+    drops stage S. A block that picks another variant (a stage's `kind`, an optimizer's or schedule's `name`, a
+    quantize `method`) replaces the parent's whole, as does any mapping with `_replace_: true`. `name` is always
+    the child's own (it names the output folder); `description` and `expect` too, unless `inherit` lists them.
+    Paths in either file (weights, `import:` modules, data roots) are relative to the recipe file that is run."""
+
+    file: Annotated[str, Field(min_length=1)]  # the parent recipe, relative to this recipe file's folder
+    inherit: list[Literal["description", "expect"]] = []  # also taken from the parent (merged like other fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"file": value} if isinstance(value, str) else value
+
+
 class Recipe(Spec):
+    # A recipe file this one builds on, merged in when the file is read: the merged recipe is what runs and what
+    # run.json records (so `extends` itself is left out of dumps), and its stages' fingerprints are the flat copy's.
+    extends: Annotated[Extends | None, Field(exclude=True)] = None
     name: Slug
     description: str = ""
     seed: Seed = 0
