@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from runner.recipe import Recipe, load_recipe, validate_source
+from runner.recipe.inherit import resolve_extends
 from runner.recipe.overrides import apply_overrides
 from runner.recipe.source import Source
 
@@ -32,7 +33,7 @@ def validate(recipe: RecipeLike, overrides: Mapping[str, Any] | list[str] | None
     if isinstance(recipe, Recipe):
         recipe = recipe.model_dump(mode="json", by_alias=True, exclude_unset=True)
     if isinstance(recipe, Mapping):
-        return validate_source(apply_overrides(Source("<recipe dict>", copy.deepcopy(dict(recipe))), texts))
+        return validate_source(apply_overrides(resolve_extends(Source("<recipe dict>", copy.deepcopy(dict(recipe)))), texts))
     return load_recipe(recipe, texts)
 
 

@@ -15,8 +15,8 @@ from runner.errors import Issue, RecipeError
 from runner.experiment import Result, run_experiment
 from runner.files import write_json, write_text
 from runner.recipe import validate_source
+from runner.recipe.inherit import read_recipe
 from runner.recipe.overrides import apply_overrides
-from runner.recipe.source import read_source
 from runner.store import claim, store_of
 from runner.verdicts import format_value
 
@@ -77,12 +77,12 @@ def plan_points(path: str, overrides: list[str], axes: list[str], output_root: P
     that caused them. Points live under the recipe's own name, whatever the axes change, and that folder
     must belong to this recipe file (runner.store.claim)."""
     grid = parse_axes(str(path), axes)
-    base = validate_source(apply_overrides(read_source(path), overrides))
+    base = validate_source(apply_overrides(read_recipe(path), overrides))
     sweep_dir = Path(output_root) / base.name / "sweep"
     points = []
     for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
         point_overrides = [f"{key}={value}" for (key, _), value in zip(grid, combo)]
-        recipe = validate_source(apply_overrides(read_source(path), overrides + point_overrides))
+        recipe = validate_source(apply_overrides(read_recipe(path), overrides + point_overrides))
         label = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(grid, combo))
         points.append(Point(label, point_overrides, recipe, sweep_dir / _folder_name(index, label)))
     claim(sweep_dir.parent, Path(path))  # once every point is valid: a refused sweep writes nothing

@@ -8,11 +8,12 @@ from pydantic import ValidationError
 
 from runner.errors import RecipeError
 from runner.recipe.checks import check_names, check_recipe, look_at_data
+from runner.recipe.inherit import read_recipe
 from runner.recipe.locate import issues_from_validation
 from runner.recipe.overrides import apply_overrides
 from runner.recipe.schema import Recipe
 from runner.recipe.semantics import check_semantics
-from runner.recipe.source import Source, read_source
+from runner.recipe.source import Source
 
 
 def validate_source(source: Source, build_user_code: bool = False) -> Recipe:
@@ -38,7 +39,7 @@ def validate_source(source: Source, build_user_code: bool = False) -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, build_user_code: bool = False) -> Recipe:
     """The validated recipe, or a RecipeError listing every problem found."""
-    source = apply_overrides(read_source(path), overrides or [])
+    source = apply_overrides(read_recipe(path), overrides or [])
     return validate_source(source, build_user_code)
 
 

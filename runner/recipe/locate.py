@@ -107,10 +107,7 @@ def issues_from_validation(err: ValidationError, source: Source, root: type[Base
         message, hint = _message(error, root, loc)
         if error["type"] == "union_tag_invalid":
             path += (str(error.get("ctx", {}).get("discriminator", "")).strip("'"),)
-        line, column = source.position(path)
-        if path in source.overridden:
-            hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
-        issues.append(Issue(source.file, line, column, shorten(dotted(path)), shorten(message, 400), hint))
+        issues.append(located_issue(source, path, message, hint))
     return issues
 
 
@@ -118,8 +115,9 @@ __all__ = ["issues_from_validation", "data_path", "dotted", "allowed_fields"]
 
 
 def located_issue(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
-    """An Issue at `path` of the recipe file, noting the override that set it, if one did."""
-    line, column = source.position(path)
+    """An Issue at `path` of the recipe file (or of the file it extends that wrote the field), noting the
+    override that set it, if one did."""
+    file, line, column = source.where(path)
     if path in source.overridden:
         hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
-    return Issue(source.file, line, column, shorten(dotted(path)), shorten(message, 400), hint)
+    return Issue(file, line, column, shorten(dotted(path)), shorten(message, 400), hint)

@@ -46,19 +46,19 @@ def _members(annotation: Any) -> list[Any]:
     return [] if annotation is NoneType else [annotation]
 
 
-def _fits(model: type[BaseModel], node: dict) -> bool:
+def fits(model: type[BaseModel], node: dict) -> bool:
     """Whether `node`'s values agree with every Literal field of `model` it sets: the discriminators that pick
     a union's variant (`kind: quantize`, then `method: qat` inside it)."""
     return all(node[name] in typing.get_args(info.annotation) for name, info in model.model_fields.items()
                if typing.get_origin(info.annotation) is Literal and name in node)
 
 
-def _child_types(types: list[Any], node: Any, key: Any) -> tuple[list[Any], FieldInfo | None]:
+def child_types(types: list[Any], node: Any, key: Any) -> tuple[list[Any], FieldInfo | None]:
     """The types `node[key]` may take, given those `node` may take, and its field when one model holds it."""
     members = [member for annotation in types for member in _members(annotation)]
     if isinstance(node, list):
         return [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list], None
-    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and _fits(m, node)]
+    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and fits(m, node)]
     if len(models) == 1:
         field = next((info for name, info in models[0].model_fields.items() if key in (name, info.alias)), None)
         return ([field.annotation] if field else []), field
@@ -89,6 +89,9 @@ def apply_overrides(source: Source, overrides: list[str]) -> Source:
         except RecipeError as err:  # the value's own problem, located in the override rather than in a file
             raise _override_error(source.file, text, err.issues[0].message, err.issues[0].hint) from None
         parts = key.strip().split(".")
+        if parts[0] == "extends":
+            raise _override_error(source.file, text, "`extends` is read with the file, before overrides apply",
+                                  "edit the recipe file, or run the recipe it extends with these overrides")
         node: Any = source.data
         node_types: list[Any] = [Recipe]  # what `node` may be, to start a missing block from its default
         path: tuple = ()
@@ -96,7 +99,7 @@ def apply_overrides(source: Source, overrides: list[str]) -> Source:
             step = _step(node, part, text, source.file)
             if isinstance(node, list) and not -len(node) <= step < len(node):
                 raise _override_error(source.file, text, f"index {step} is out of range")
-            node_types, field = _child_types(node_types, node, step)
+            node_types, field = child_types(node_types, node, step)
             if isinstance(node, dict) and step not in node:
                 node[step] = _new_block(field)
             node = node[step]

@@ -27,10 +27,10 @@ def check_stage_references(recipe, source) -> list[Issue]:
     kinds = {stage.name: (i, stage.kind) for i, stage in enumerate(recipe.stages)}
 
     def issue(path: tuple, message: str, hint: str) -> None:
-        line, column = source.position(path)
+        file, line, column = source.where(path)
         if path in source.overridden:
             hint = f"set by override `{source.overridden[path]}`; {hint}"
-        issues.append(Issue(source.file, line, column, dotted(path), message, hint))
+        issues.append(Issue(file, line, column, dotted(path), message, hint))
 
     for path, name, kind in stage_references(recipe):
         earlier = [stage.name for stage in recipe.stages[:path[1]]]

@@ -30,10 +30,10 @@ class Findings:
     warnings: list[Issue] = field(default_factory=list)
 
     def _issue(self, path: tuple, message: str, hint: str | None) -> Issue:
-        line, column = self.source.position(path)
+        file, line, column = self.source.where(path)
         if path in self.source.overridden:
             hint = f"set by override `{self.source.overridden[path]}`" + (f"; {hint}" if hint else "")
-        return Issue(self.source.file, line, column, dotted(path), message, hint)
+        return Issue(file, line, column, dotted(path), message, hint)
 
     def error(self, path: tuple, message: str, hint: str | None = None) -> None:
         self.errors.append(self._issue(path, message, hint))

@@ -62,19 +62,25 @@ def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
 
 @dataclass
 class Source:
-    """A loaded recipe: its data, where it came from, and the position of every node."""
+    """A loaded recipe: its data, where it came from, and the position of every node. A recipe built on
+    another (`extends:`, runner/recipe/inherit.py) holds nodes of several files: `grafts` maps a node's path
+    to the file's Source and the path it has there."""
 
     file: str
     data: Any
     marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)  # 1-based line, column
     overridden: dict[Path_, str] = field(default_factory=dict)  # path -> the `-o` text that set it
+    grafts: dict[Path_, tuple["Source", Path_]] = field(default_factory=dict)
 
-    def position(self, path: Path_) -> tuple[int | None, int | None]:
-        """The position of the longest prefix of `path` present in the file."""
+    def where(self, path: Path_) -> tuple[str, int | None, int | None]:
+        """The file, line and column of the longest prefix of `path` present in the recipe."""
         for end in range(len(path), -1, -1):
+            if path[:end] in self.grafts:
+                source, there = self.grafts[path[:end]]
+                return source.where(there + path[end:])
             if path[:end] in self.marks:
-                return self.marks[path[:end]]
-        return None, None
+                return (self.file, *self.marks[path[:end]])
+        return self.file, None, None
 
 
 def _index_marks(node: yaml.Node, path: Path_, out: dict) -> None:
