@@ -171,8 +171,10 @@ def cmd_recipes(args) -> int:
 def cmd_new(args) -> int:
     from runner.templates import new_recipe
 
-    path = new_recipe(args.name, args.source, Path(args.dir))
+    path, parents = new_recipe(args.name, args.source, Path(args.dir))
     out_console.print(f"wrote {escape(path)} (from `{escape(args.source)}`); run it with: nnopt run {escape(path)}")
+    if parents:
+        out_console.print(f"and the shipped recipes it extends: {escape(', '.join(map(str, parents)))}")
     return EXIT_OK
 
 

@@ -44,9 +44,22 @@ def find(name: str) -> Template:
     return by_name[name.removesuffix(".yaml")]
 
 
-def new_recipe(name: str, source: str, folder: Path = Path(".")) -> Path:
-    """Copy the shipped recipe `source` to `folder/NAME.yaml` with its `name:` set to NAME (its comments kept);
-    never overwrites a file."""
+def extended_by(template: Template) -> list[Template]:
+    """The shipped recipes `template` extends (`extends:`), nearest first: a shipped recipe extends a sibling file."""
+    chain: list[Template] = []
+    current = template
+    while (extends := yaml.safe_load(current.text).get("extends")) is not None:
+        current = find(Path(extends["file"] if isinstance(extends, dict) else extends).name)
+        if current in chain or current == template:  # a loop: `nnopt validate` of the copy says where
+            break
+        chain.append(current)
+    return chain
+
+
+def new_recipe(name: str, source: str, folder: Path = Path(".")) -> tuple[Path, list[Path]]:
+    """Copy the shipped recipe `source` to `folder/NAME.yaml` with its `name:` set to NAME (its comments kept),
+    and the shipped recipes it extends under their own names, so the copy is whole; never overwrites a file
+    (a parent already there with the shipped text is used as it is). Returns the copy and the parents written."""
     if not _SLUG.match(name):
         raise RunError(f"`{name}` cannot be a recipe name", "use letters, digits, `.`, `_` and `-` (it names the "
                        "output folder), starting with a letter or digit")
@@ -54,10 +67,20 @@ def new_recipe(name: str, source: str, folder: Path = Path(".")) -> Path:
     target = Path(folder) / f"{name}.yaml"
     if target.exists():
         raise RunError(f"{target} already exists", "choose another name or remove the file")
+    parents = []
+    for parent in extended_by(template):
+        path = Path(folder) / f"{parent.name}.yaml"
+        if not path.exists():
+            parents.append((path, parent.text))
+        elif path.read_text(encoding="utf-8") != parent.text:
+            raise RunError(f"{path} already exists and is not the shipped `{parent.name}` that `{template.name}` "
+                           "extends", "copy into another --dir, or remove the file")
     # Its "Run: nnopt run recipes/X.yaml" comment now names the copy.
     text = template.text.replace(f"recipes/{template.name}.yaml", target.name)
     text, count = _NAME_LINE.subn(f"name: {name}", text, count=1)
     if count != 1:
         raise RunError(f"the shipped recipe `{source}` has no top-level `name:` line to rename")
+    for path, parent_text in parents:
+        path.write_text(parent_text, encoding="utf-8")
     target.write_text(text, encoding="utf-8")
-    return target
+    return target, [path for path, _ in parents]
