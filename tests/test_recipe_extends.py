@@ -153,6 +153,12 @@ def test_bad_extends_is_a_located_error_with_a_hint(family, nnopt, files, messag
     assert code == 2 and message in err and where in err and "Traceback" not in err, err
 
 
+def test_an_endless_chain_of_distinct_files_is_refused(family, nnopt):
+    folder = family(**{f"r{i}": f"extends: r{i + 1}.yaml\nname: r{i}\n" for i in range(40)})
+    code, _, err = nnopt("validate", folder / "r0.yaml")
+    assert code == 2 and "more than 32 recipes extend one another" in err and "r31.yaml:1:1" in err
+
+
 def test_extends_cannot_be_overridden(family, nnopt):
     folder = family(base=BASE, a="extends: base.yaml\nname: a\n")
     code, _, err = nnopt("validate", folder / "a.yaml", "-o", "extends=other.yaml")

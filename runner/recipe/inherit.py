@@ -25,6 +25,7 @@ from runner.registry import did_you_mean
 OWN_FIELDS = ("extends", "name", "description", "expect")
 REPLACE, REMOVE, AFTER, BEFORE = "_replace_", "_remove_", "_after_", "_before_"  # merge instructions, never fields
 _ABSENT = object()  # the parent has nothing at this path
+MAX_CHAIN = 32  # recipes extending recipes: a real project has two or three; each level is a recursion
 
 
 class _Head(Spec):
@@ -51,6 +52,9 @@ def resolve_extends(source: Source, chain: tuple[tuple[str, str], ...] = ()) -> 
     folder = Path.cwd() if source.file.startswith("<") else Path(source.file).parent  # a dict recipe: the cwd
     parent_file = os.path.normpath(folder / Path(head.file).expanduser())
     reached = [identity for identity, _ in chain]
+    if len(chain) >= MAX_CHAIN:
+        raise _error(source, ("extends", "file"), f"more than {MAX_CHAIN} recipes extend one another here",
+                     "extend a recipe that holds what the chain shares instead")
     if _identity(parent_file) in reached:
         loop = " extends ".join([shown for _, shown in chain[reached.index(_identity(parent_file)):]] + [parent_file])
         raise _error(source, ("extends", "file"), f"the recipes extend each other in a loop: {loop}",
@@ -118,11 +122,9 @@ class _Merge:
         if replace is not False and replace is not True:
             raise _error(self.child, child_path + (REPLACE,), f"`{REPLACE}` takes true, got {shorten(replace, 40)}",
                          "`_replace_: true` puts this block in place of the parent's instead of merging into it")
-        if isinstance(parent, dict) and not replace:
-            picked = [key for key in _discriminators(types, field, parent)
-                      if key in child and key in parent and child[key] != parent[key]]
-            if picked:
-                parent = _ABSENT  # another variant: the parent's fields belong to the variant it had
+        if isinstance(parent, dict) and any(key in child and key in parent and child[key] != parent[key]
+                                            for key in _discriminators(types, field, parent)):
+            replace = True  # another variant: the parent's fields belong to the variant it had
         if not isinstance(parent, dict) or replace:
             parent = {}
         merged = {}
