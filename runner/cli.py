@@ -64,7 +64,8 @@ def cmd_validate(args) -> int:
     recipe = _load(args, build_user_code=args.build_model)
     kinds = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
     count = len(recipe.stages)
-    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`, {count} stage{'s' if count != 1 else ''}: "
+    built_on = f" (extends {escape(recipe.extends.file)})" if recipe.extends is not None else ""
+    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`{built_on}, {count} stage{'s' if count != 1 else ''}: "
                       f"{kinds}")
     return EXIT_OK
 

@@ -125,6 +125,13 @@ def test_errors_name_the_file_and_line_that_wrote_the_field(family, nnopt):
     assert f"child.yaml:{line_of(child, 'sparsity: 1.5')}:" in err and "stages[1].sparsity" in err
 
 
+def test_validate_names_the_parent(family, nnopt):
+    folder = family(base=BASE, child=CHILD)
+    code, out, _ = nnopt("validate", folder / "child.yaml")
+    shown = " ".join(out.split())  # as one line, however the console wrapped it
+    assert code == 0 and "recipe `child` (extends base.yaml), 5 stages: train (train), prune (prune), finetune" in shown
+
+
 def test_an_override_on_an_inherited_field_says_so(family, nnopt):
     folder = family(base=BASE, child="extends: base.yaml\nname: child\n")
     code, _, err = nnopt("validate", folder / "child.yaml", "-o", "stages.train.epochs=0")
