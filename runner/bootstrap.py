@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -43,10 +44,38 @@ def wanted_stamp(root: Path, pair: list[str]) -> str:
     return f"{' '.join(pair)} pyproject:{digest}\n"
 
 
+def normalized(name: str) -> str:
+    """A distribution's name as packaging compares them (PEP 503): `PyYAML`, `torch_pruning`, `torch-pruning`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def missing_distributions(env: Path) -> list[str]:
+    """What nnopt's installed metadata requires (its `dev` extra included) and `env` lacks, e.g. a package
+    uninstalled by hand after the stamp was written; ["nnopt"] when nnopt itself is not installed. Read from
+    the folder names and nnopt's METADATA alone (a few milliseconds, no process started). A requirement under
+    any other environment marker (a platform, a Python version) is left to pip: judging it needs pip's parser."""
+    folders = [*env.glob("lib/python*/site-packages"), env / "Lib" / "site-packages"]
+    # `name-version.dist-info` (the name with - as _), or an older `name-version-pyX.Y.egg-info`
+    found = {folder / entry: normalized(entry.split("-")[0]) for folder in folders if folder.is_dir()
+             for entry in os.listdir(folder) if entry.endswith((".dist-info", ".egg-info"))}
+    installed = set(found.values())
+    metadata = [path / "METADATA" for path, name in found.items() if name == "nnopt" and path.suffix == ".dist-info"]
+    if not metadata:
+        return ["nnopt"]
+    wanted = []
+    for line in metadata[0].read_text(encoding="utf-8").splitlines():
+        if line.startswith("Requires-Dist:"):
+            requirement, _, marker = line.removeprefix("Requires-Dist:").partition(";")
+            if marker.strip() in ("", 'extra == "dev"'):
+                wanted.append(normalized(re.match(r"\s*([A-Za-z0-9._-]+)", requirement).group(1)))
+    return [name for name in dict.fromkeys(wanted) if name not in installed]
+
+
 def set_up_steps(root: Path, env: Path, pair: list[str]) -> list[list[str]]:
-    """The commands that make `env` ready; none when its stamp matches (a ready environment)."""
+    """The commands that make `env` ready; none when its stamp matches (a ready environment) and none of
+    nnopt's requirements has gone missing since."""
     stamp = env / STAMP
-    if stamp.is_file() and stamp.read_text() == wanted_stamp(root, pair):
+    if stamp.is_file() and stamp.read_text() == wanted_stamp(root, pair) and not missing_distributions(env):
         return []
     python = str(venv_bin(env) / "python")
     pip = [python, *PIP_INSTALL]

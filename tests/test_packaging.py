@@ -38,11 +38,33 @@ def test_bootstrap_plans_a_fresh_env_then_nothing_once_stamped(tmp_path):
     steps = bootstrap.set_up_steps(tmp_path, env, pair)
     # torch and torchvision together and before nnopt, so pip never resolves one without the other
     assert steps[1][-2:] == pair and steps[2][-2:] == ["-e", f"{tmp_path}[dev]"]
-    env.mkdir()
+    (env / "lib" / "python3.11" / "site-packages" / "nnopt-0.1.0.dist-info").mkdir(parents=True)
+    (env / "lib" / "python3.11" / "site-packages" / "nnopt-0.1.0.dist-info" / "METADATA").write_text("Name: nnopt\n")
     (env / bootstrap.STAMP).write_text(bootstrap.wanted_stamp(tmp_path, pair))
     assert bootstrap.set_up_steps(tmp_path, env, pair) == []
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\ndependencies = ['rich']\n")
     assert len(bootstrap.set_up_steps(tmp_path, env, pair)) == 3  # pyproject changed: refilled
+
+
+def test_bootstrap_refills_an_env_that_lost_a_requirement(tmp_path):
+    """A stamped environment from which a requirement was uninstalled (or that predates one its metadata lists)."""
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    env, pair = tmp_path / ".venv", ["torch==2.14.1", "torchvision==0.29.1"]
+    site = env / "lib" / "python3.11" / "site-packages"
+    (site / "nnopt-0.1.0.dist-info").mkdir(parents=True)
+    (site / "nnopt-0.1.0.dist-info" / "METADATA").write_text(
+        "Name: nnopt\nRequires-Dist: PyYAML>=6\nRequires-Dist: torch-pruning<1.7,>=1.6\n"
+        'Requires-Dist: pytest-xdist<4,>=3.6; extra == "dev"\nRequires-Dist: onnx>=1.15; extra == "onnx"\n'
+        'Requires-Dist: pywin32; sys_platform == "win32"\n')
+    for installed in ("PyYAML-6.0.2.dist-info", "torch_pruning-1.6.1.dist-info"):
+        (site / installed).mkdir()
+    (env / bootstrap.STAMP).write_text(bootstrap.wanted_stamp(tmp_path, pair))
+    assert bootstrap.missing_distributions(env) == ["pytest-xdist"]  # other extras' and platforms' are pip's
+    assert len(bootstrap.set_up_steps(tmp_path, env, pair)) == 3
+    (site / "pytest_xdist-3.8.0.dist-info").mkdir()
+    assert bootstrap.set_up_steps(tmp_path, env, pair) == []
+    # the environment these tests run in is complete, or every bootstrap call would reinstall it
+    assert bootstrap.missing_distributions(Path(sys.prefix)) == []
 
 
 def test_bootstrap_runs_on_a_bare_python():
