@@ -152,6 +152,7 @@ def test_an_override_on_an_inherited_field_says_so(family, nnopt):
     ({"a": "extends: base.yaml\nname: a\nstages:\n  - {sparsity: 0.9}\n"}, "needs a `name`", "a.yaml:4:"),
     ({"a": "extends: base.yaml\nname: a\ndata: {_replace_: yes please}\n"}, "`_replace_` takes true", "a.yaml:3:"),
     ({"a": "extends: base.yaml\n"}, "needs its own `name:`", "a.yaml:1:1"),
+    ({"a": "extends: [base.yaml]\nname: a\n"}, "hint: write `extends: parent.yaml`", "a.yaml:1:1"),
     ({"a": "extends: {file: base.yaml, inherit: [name]}\nname: a\n"}, "`name` is not allowed", "a.yaml:1:38"),
 ])
 def test_bad_extends_is_a_located_error_with_a_hint(family, nnopt, files, message, where):

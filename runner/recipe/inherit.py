@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import typing
 from pathlib import Path
@@ -41,13 +42,15 @@ def read_recipe(path: str | Path) -> Source:
 
 def resolve_extends(source: Source, chain: tuple[tuple[str, str], ...] = ()) -> Source:
     """`source` merged over the recipe its `extends:` names (itself resolved first); `source` if it extends none."""
-    if "extends" not in source.data:
+    if source.data.get("extends") is None:  # `extends: null` too: a recipe of its own
         return source
     try:
         head = _Head.model_validate({"extends": source.data["extends"]}).extends
     except ValidationError as err:
-        raise RecipeError(issues_from_validation(err, Source(source.file, {"extends": source.data["extends"]},
-                                                             grafts={(): (source, ())}), _Head)) from None
+        issues = issues_from_validation(err, Source(source.file, {"extends": source.data["extends"]},
+                                                    grafts={(): (source, ())}), _Head)
+        form = "write `extends: parent.yaml` or `extends: {file: parent.yaml, inherit: [expect]}`"
+        raise RecipeError([dataclasses.replace(issue, hint=issue.hint or form) for issue in issues]) from None
     chain = chain + ((_identity(source.file), source.file),)  # (the file, as shown) of each recipe read so far
     folder = Path.cwd() if source.file.startswith("<") else Path(source.file).parent  # a dict recipe: the cwd
     parent_file = os.path.normpath(folder / Path(head.file).expanduser())
@@ -60,7 +63,8 @@ def resolve_extends(source: Source, chain: tuple[tuple[str, str], ...] = ()) -> 
         raise _error(source, ("extends", "file"), f"the recipes extend each other in a loop: {loop}",
                      "a recipe extends a more general one, which must not extend it back")
     if not Path(parent_file).is_file():
-        what = "is a folder" if Path(parent_file).is_dir() else "does not exist"
+        what = ("does not exist" if not Path(parent_file).exists()
+                else "is a folder" if Path(parent_file).is_dir() else "is not a regular file")
         raise _error(source, ("extends", "file"), f"the recipe it extends, {shorten(parent_file)}, {what}",
                      f"the path is relative to this recipe's folder ({folder}); give a .yaml recipe file")
     parent = resolve_extends(read_source(parent_file), chain)
