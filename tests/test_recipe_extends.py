@@ -109,10 +109,13 @@ stages:
 
 
 def test_a_chain_merges_nearest_parent_last(family):
-    folder = family(base=BASE, middle="extends: base.yaml\nname: middle\nstages: [{name: prune, sparsity: 0.6}]\n",
-                    leaf="extends: middle.yaml\nname: leaf\nstages: [{name: prune, scope: layer}]\n")
+    folder = family(base=BASE,
+                    middle="extends: base.yaml\nname: middle\nstages: [{name: prune, sparsity: {fc*: 0.6, fc2: 0.3}}]\n",
+                    leaf="extends: middle.yaml\nname: leaf\nstages: [{name: prune, scope: layer, sparsity: {fc1: 0.9, fc*: 0.7}}]\n")
     prune = read_recipe(folder / "leaf.yaml").data["stages"][1]
-    assert (prune["sparsity"], prune["scope"], prune["method"]) == (0.6, "layer", "magnitude")
+    assert (prune["scope"], prune["method"]) == ("layer", "magnitude")
+    # A pattern map merges key by key; a later pattern wins, so the leaf's new `fc1` comes after the parents'.
+    assert list(prune["sparsity"].items()) == [("fc*", 0.7), ("fc2", 0.3), ("fc1", 0.9)]
 
 
 def test_errors_name_the_file_and_line_that_wrote_the_field(family, nnopt):

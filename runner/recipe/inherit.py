@@ -204,8 +204,8 @@ class _Merge:
 
 
 def _in_parent_order(merged: dict, parent: dict) -> dict:
-    """The parent's keys first, in its order, then the child's new ones: a pattern map (`bits: {conv*: 6}`) is
-    matched in order, so the parent's entries keep theirs."""
+    """The parent's keys first, in its order, then the child's new ones: in a pattern map (`sparsity: {"fc*": 0.9}`,
+    `bits`) a later pattern wins, so one the child adds wins over the parent's where both match."""
     return {**{key: merged[key] for key in parent if key in merged}, **merged}
 
 
