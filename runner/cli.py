@@ -65,8 +65,8 @@ def cmd_validate(args) -> int:
     kinds = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
     count = len(recipe.stages)
     built_on = f" (extends {escape(recipe.extends.file)})" if recipe.extends is not None else ""
-    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`{built_on}, {count} stage{'s' if count != 1 else ''}: "
-                      f"{kinds}")
+    out_console.print(f"[green]ok[/]: {escape(args.recipe)}: recipe `{recipe.name}`{built_on}, "
+                      f"{count} stage{'s' if count != 1 else ''}: {kinds}")
     return EXIT_OK
 
 

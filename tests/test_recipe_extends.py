@@ -110,8 +110,10 @@ stages:
 
 def test_a_chain_merges_nearest_parent_last(family):
     folder = family(base=BASE,
-                    middle="extends: base.yaml\nname: middle\nstages: [{name: prune, sparsity: {fc*: 0.6, fc2: 0.3}}]\n",
-                    leaf="extends: middle.yaml\nname: leaf\nstages: [{name: prune, scope: layer, sparsity: {fc1: 0.9, fc*: 0.7}}]\n")
+                    middle="extends: base.yaml\nname: middle\n"
+                           "stages: [{name: prune, sparsity: {fc*: 0.6, fc2: 0.3}}]\n",
+                    leaf="extends: middle.yaml\nname: leaf\n"
+                         "stages: [{name: prune, scope: layer, sparsity: {fc1: 0.9, fc*: 0.7}}]\n")
     prune = read_recipe(folder / "leaf.yaml").data["stages"][1]
     assert (prune["scope"], prune["method"]) == ("layer", "magnitude")
     # A pattern map merges key by key; a later pattern wins, so the leaf's new `fc1` comes after the parents'.
@@ -191,7 +193,8 @@ def test_run_records_and_fingerprints_the_merged_recipe_as_its_flat_copy(family,
     recorded = json.loads((run_dir / "run.json").read_text())["recipe"]
     assert "extends" not in recorded and recorded["stages"][1]["sparsity"] == 0.75
     assert [stage["name"] for stage in recorded["stages"]] == [stage["name"] for stage in flat["stages"]]
-    done = [(run_dir / f"{i + 1:02d}-{stage['name']}" / "DONE").read_text().strip() for i, stage in enumerate(flat["stages"])]
+    done = [(run_dir / f"{i + 1:02d}-{stage['name']}" / "DONE").read_text().strip()
+            for i, stage in enumerate(flat["stages"])]
     assert done == expected
 
 
@@ -214,6 +217,8 @@ def test_shipped_recipes_extend_shipped_recipes_and_resolve_from_the_package(nno
     # `nnopt new` of a recipe two files deep writes both parents next to the copy, which then reads whole.
     code, out, err = nnopt("new", "mine", "--from", "deep_compression_lenet300_max", "--dir", tmp_path)
     assert code == 0, err
-    assert {p.name for p in tmp_path.iterdir()} == {"mine.yaml", "deep_compression_lenet300.yaml", "han2015_lenet300.yaml"}
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"mine.yaml", "deep_compression_lenet300.yaml", "han2015_lenet300.yaml"}
     data = read_recipe(tmp_path / "mine.yaml").data
-    assert data["name"] == "mine" and [s["name"] for s in data["stages"]][-3:] == ["evaluate_pruned", "share", "evaluate"]
+    assert data["name"] == "mine"
+    assert [s["name"] for s in data["stages"]][-3:] == ["evaluate_pruned", "share", "evaluate"]

@@ -97,7 +97,8 @@ def _discriminators(types: list[Any], field: FieldInfo | None, parent: dict) -> 
             inner, *extras = typing.get_args(annotation)
             fitting = visit(inner)
             if fitting:
-                keys.update(extra.discriminator for extra in extras if isinstance(getattr(extra, "discriminator", None), str))
+                keys.update(extra.discriminator for extra in extras
+                            if isinstance(getattr(extra, "discriminator", None), str))
             return fitting
         if origin in (typing.Union, UnionType):
             return any([visit(arg) for arg in typing.get_args(annotation)])  # a list: every member visited
