@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny recipes built from dicts, and the CLI called as a user calls it."""
+"""Shared fixtures (tiny recipes built from dicts, the CLI called as a user calls it) and the test processes' cores."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -10,10 +11,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from runner.cli import main
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, lowered by a cgroup v2 CPU quota (a container given
+    2 CPUs of a 64-core host sees 64 in os.cpu_count() but gets the time of 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (-p no:xdist) it is never called
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one test process per usable core. None defers to xdist, which reads
+    $PYTEST_XDIST_AUTO_NUM_WORKERS."""
+    return None if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else usable_cores()
+
+
+# A pytest-xdist worker computes on its share of the cores, so that two workers on two cores do not each run two
+# torch threads (half of every matmul waiting for a core). Set before torch is imported, in the environment, so the
+# `nnopt` subprocesses a test starts compute with the same count as the test's in-process runs: the count is part
+# of every stage's fingerprint. A count the user set in OMP_NUM_THREADS stands; a serial run (-n 0) keeps torch's.
+# torch and nnopt are imported by the fixtures, not here: xdist's controlling process, which only hands out tests,
+# loads this file too and would spend seconds on them before starting the workers.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +48,8 @@ def torch_threads_as_the_process_started():
     """A test that pins torch's thread count (a bench loop, a recipe run in-process) must not leave it pinned:
     the count is part of every stage's fingerprint, so an in-process run after it would no longer match the
     same recipe run in a subprocess."""
+    import torch
+
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -48,6 +77,7 @@ def write_recipe(tmp_path):
 @pytest.fixture
 def nnopt(capsys):
     """Run `nnopt ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    from runner.cli import main
 
     def call(*args: str):
         code = main([str(a) for a in args])
