@@ -99,3 +99,31 @@ def test_profile_splits_each_runner_s_step_into_parts(capsys):
     assert parts["lightning"] > 0 and parts["torch kernels"] > 0 and set(parts) == set(profile.BUCKETS)
     plain = profile.profile_runner("plain_loop", "lenet_300_100", data, steps=3)["us_per_step"]
     assert plain["lightning"] == 0  # the plain loop runs no Lightning code: the buckets tell them apart
+
+
+
+def test_allocation_grid_runs_every_allocation_at_the_same_total(tmp_path, monkeypatch, capsys):
+    from bench import allocation_grid
+
+    tiny = ["data.limit={train: 2000, val: 500}", "data.batch_size=32", "stages.train.epochs=2", "stages.train.warmup=null",
+            "stages.sensitivity.examples=500", "stages.sensitivity.bits=[2]", "stages.sensitivity.int8=false",
+            "stages.finetune.epochs=1", "stages.finetune.warmup=null", "stages.evaluate.latency_batch_sizes=[64]",
+            "stages.evaluate.latency_repeats=3"]
+    monkeypatch.setattr("sys.argv", ["allocation_grid", "recipes/auto_prune_lenet300.yaml", "-O", str(tmp_path),
+                                     "--seeds", "0", *[arg for override in tiny for arg in ("-o", override)],
+                                     "--vary", "fc1.weight=9000", "--vary", "fc3.weight=500,2000",
+                                     "--rest", "fc2.weight"])
+    allocation_grid.main()
+    out = capsys.readouterr().out
+    assert "skipped (9000, 2000): fc3.weight would keep 2,000 of 1,000" in out
+    rows = [line.split(" | ")[0] for line in out.split("sorted by validation error")[1].splitlines()
+            if line.startswith("| ") and not line.startswith("| allocation")]
+    assert sorted(rows) == ["| auto", "| global", "| grid fc1.weight=9000 fc2.weight=3810 fc3.weight=500"]
+    sizes = {"fc1.weight": 235200, "fc2.weight": 30000, "fc3.weight": 1000}
+    kept = {}
+    for folder in tmp_path.glob("*/seed-0/03-prune"):
+        after = json.loads((folder / "metrics.json").read_text())["layer_sparsity_after"]
+        kept[folder.parent.parent.name] = {name: round((1 - after[name]) * size) for name, size in sizes.items()}
+    assert len(kept) == 3, kept
+    assert all(sum(layers.values()) == 13310 for layers in kept.values()), kept  # 5% of 266,200 in each
+    assert kept["auto_prune_lenet300_grid_9000_500"] == {"fc1.weight": 9000, "fc2.weight": 3810, "fc3.weight": 500}
