@@ -105,8 +105,8 @@ def test_profile_splits_each_runner_s_step_into_parts(capsys):
 def test_allocation_grid_runs_every_allocation_at_the_same_total(tmp_path, monkeypatch, capsys):
     from bench import allocation_grid
 
-    tiny = ["data.limit={train: 2000, val: 500}", "data.batch_size=32", "stages.train.epochs=2", "stages.train.warmup=null",
-            "stages.sensitivity.examples=500", "stages.sensitivity.bits=[2]", "stages.sensitivity.int8=false",
+    tiny = ["data.limit={train: 2000, val: 500}", "data.batch_size=32", "stages.train.epochs=2",
+            "stages.train.warmup=null", "stages.sensitivity.examples=500", "stages.sensitivity.bits=[2]", "stages.sensitivity.int8=false",
             "stages.finetune.epochs=1", "stages.finetune.warmup=null", "stages.evaluate.latency_batch_sizes=[64]",
             "stages.evaluate.latency_repeats=3"]
     monkeypatch.setattr("sys.argv", ["allocation_grid", "recipes/auto_prune_lenet300.yaml", "-O", str(tmp_path),
