@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from typing import Any
 
@@ -114,10 +115,17 @@ def issues_from_validation(err: ValidationError, source: Source, root: type[Base
 __all__ = ["issues_from_validation", "data_path", "dotted", "allowed_fields"]
 
 
-def located_issue(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
-    """An Issue at `path` of the recipe file (or of the file it extends that wrote the field), noting the
-    override that set it, if one did."""
+def issue_at(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
+    """An Issue at `path`, placed at the file and line that wrote it (the recipe, or a file it extends), its hint
+    noting the override that set it, if one did."""
     file, line, column = source.where(path)
     if path in source.overridden:
         hint = f"set by override `{source.overridden[path]}`" + (f"; {hint}" if hint else "")
-    return Issue(file, line, column, shorten(dotted(path)), shorten(message, 400), hint)
+    return Issue(file, line, column, dotted(path), message, hint)
+
+
+def located_issue(source: Source, path: tuple, message: str, hint: str | None = None) -> Issue:
+    """`issue_at` with the field and message shortened: they may quote what a user wrote (pydantic's messages
+    hold the input value)."""
+    issue = issue_at(source, path, message, hint)
+    return dataclasses.replace(issue, field=shorten(issue.field), message=shorten(message, 400))

@@ -4,7 +4,7 @@ and be of the kind the field needs; teachers given as model specs instead."""
 from __future__ import annotations
 
 from runner.errors import Issue
-from runner.recipe.locate import dotted
+from runner.recipe.locate import issue_at
 from runner.recipe.semantics import training_blocks_of
 from runner.registry import did_you_mean
 
@@ -27,10 +27,7 @@ def check_stage_references(recipe, source) -> list[Issue]:
     kinds = {stage.name: (i, stage.kind) for i, stage in enumerate(recipe.stages)}
 
     def issue(path: tuple, message: str, hint: str) -> None:
-        file, line, column = source.where(path)
-        if path in source.overridden:
-            hint = f"set by override `{source.overridden[path]}`; {hint}"
-        issues.append(Issue(file, line, column, dotted(path), message, hint))
+        issues.append(issue_at(source, path, message, hint))
 
     for path, name, kind in stage_references(recipe):
         earlier = [stage.name for stage in recipe.stages[:path[1]]]

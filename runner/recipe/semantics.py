@@ -12,7 +12,7 @@ from runner.errors import Issue
 import runner.recipe.states as states
 from runner.recipe.expect import RUN_METRICS
 from runner.recipe.facts_cache import Recorder, model_key, remember, replay, weights_state
-from runner.recipe.locate import dotted
+from runner.recipe.locate import issue_at
 from runner.recipe.source import Source
 
 MAX_STAGE_SEED = 2**32 - 1  # torch/numpy seeds are 32-bit; stage i runs with seed + i
@@ -29,17 +29,11 @@ class Findings:
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
 
-    def _issue(self, path: tuple, message: str, hint: str | None) -> Issue:
-        file, line, column = self.source.where(path)
-        if path in self.source.overridden:
-            hint = f"set by override `{self.source.overridden[path]}`" + (f"; {hint}" if hint else "")
-        return Issue(file, line, column, dotted(path), message, hint)
-
     def error(self, path: tuple, message: str, hint: str | None = None) -> None:
-        self.errors.append(self._issue(path, message, hint))
+        self.errors.append(issue_at(self.source, path, message, hint))
 
     def warn(self, path: tuple, message: str, hint: str | None = None) -> None:
-        self.warnings.append(self._issue(path, message, hint))
+        self.warnings.append(issue_at(self.source, path, message, hint))
 
 
 # ---- the model's form through the stages ------------------------------------------------------------
