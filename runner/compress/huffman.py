@@ -35,11 +35,16 @@ def _code_lengths(counts: np.ndarray) -> np.ndarray:
     return lengths
 
 
+def _canonical_order(lengths: np.ndarray) -> np.ndarray:
+    """The symbols that have a code, sorted by (length, symbol): the order canonical codes count up in."""
+    return np.array(sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)), dtype=np.int64)
+
+
 def _canonical(lengths: np.ndarray) -> np.ndarray:
-    """Canonical codes: symbols sorted by (length, symbol) get consecutive codes (what makes lengths enough)."""
+    """Canonical codes: symbols in `_canonical_order` get consecutive codes (what makes lengths enough)."""
     codes = np.zeros(len(lengths), dtype=np.int64)
     code, previous = 0, 0
-    for symbol in sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)):
+    for symbol in _canonical_order(lengths):
         code <<= int(lengths[symbol]) - previous
         codes[symbol] = code
         previous = int(lengths[symbol])
@@ -96,7 +101,7 @@ def decode(coded: Coded) -> np.ndarray:
     # Left-justified to `width` bits, canonical codes increase in (length, symbol) order, and a code of length l
     # owns the 2^(width - l) windows that start with it: the code read at a bit position is the last whose
     # left-justified value is at most the window there.
-    order = np.array(sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)), dtype=np.int64)
+    order = _canonical_order(lengths)
     ordered_lengths = lengths[order]
     first = codes[order] << (width - ordered_lengths)
     past = first + (np.int64(1) << (width - ordered_lengths))
