@@ -36,8 +36,8 @@ def _per_seed(result) -> list[dict[str, float]]:
     return rows
 
 
-def _prune_stage(recipe) -> tuple[int, object]:
-    found = [(i, stage) for i, stage in enumerate(recipe.stages) if stage.kind == "prune" and stage.scope == "auto"]
+def _prune_stage(recipe):
+    found = [stage for stage in recipe.stages if stage.kind == "prune" and stage.scope == "auto"]
     if len(found) != 1:
         raise SystemExit(f"{recipe.name}: expected one `prune` stage with `scope: auto`, found {len(found)}")
     return found[0]
@@ -69,7 +69,7 @@ def main() -> None:
 
     base = list(args.overrides) + [f"seeds=[{args.seeds}]"]
     recipe = api.validate(args.recipe, base)
-    _, prune = _prune_stage(recipe)
+    prune = _prune_stage(recipe)
     at = f"stages.{prune.name}"
     runs = {"auto": api.run(args.recipe, base, output_dir=args.output_dir)}
     sizes, auto_pruned = _auto_counts(runs["auto"], prune.name)
